@@ -1,0 +1,1 @@
+"""Input pipeline: sources, composition, augmentation, batching. Imports TensorFlow lazily per module."""

@@ -1,0 +1,1 @@
+"""Pure-JAX operations on boxes and feature maps; jittable, vmappable and pmappable."""
