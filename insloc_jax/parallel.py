@@ -6,8 +6,10 @@ has the same name.
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +67,24 @@ def shard_batch(batch: PyTree, local_devices: Optional[int] = None) -> PyTree:
         return x.reshape((count, x.shape[0] // count) + x.shape[1:])
 
     return jax.tree.map(split, batch)
+
+
+def prefetch_to_device(batches: Iterator[PyTree], size: int = 2, devices: Optional[list] = None) -> Iterator[PyTree]:
+    """Keeps `size` host batches [D, B, ...] in flight to the devices while the current step runs.
+
+    Transfers are asynchronous, so with size >= 2 the copy of batch n+1 overlaps step n.
+    """
+    sharding = jax.sharding.NamedSharding(local_mesh(devices), jax.sharding.PartitionSpec(AXIS))
+    queue = collections.deque()
+
+    def enqueue(count):
+        for batch in itertools.islice(batches, count):
+            queue.append(jax.tree.map(lambda x: jax.device_put(x, sharding), batch))
+
+    enqueue(size)
+    while queue:
+        yield queue.popleft()
+        enqueue(1)
 
 
 def global_batch_size(per_device: int) -> int:

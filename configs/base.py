@@ -1,0 +1,79 @@
+"""Every field of a run, with its meaning. Run configs import `get_config()` from here and override a few.
+
+The defaults are InsLoc-FPN 200 epochs on ImageNet (REFERENCE sections 1-4). Values derived from others
+(per-device batch, learning rate, steps) are computed in `insloc_jax.config.derive`, never stored here.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # the one seed: init, queues, box augmentation, shuffle BN and the data pipeline
+
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "fpn"  # fpn | c4 | moco
+    c.model.depth = 50  # ResNet depth: 18, 34, 50, 101
+    c.model.width = 64  # ResNet base width (64 = torchvision)
+    c.model.dim = 128  # embedding size
+    c.model.fpn_dim = 256  # FPN channels
+    c.model.head_convs = 4  # FPN head: 3x3 conv + BN + ReLU layers
+    c.model.head_conv_dim = 256  # FPN head conv channels
+    c.model.head_fcs = 2  # FPN head fc layers before the projection
+    c.model.head_fc_dim = 1024  # FPN head fc width
+    c.model.mlp_dim = 2048  # hidden width of the c4 / moco projection MLP
+    c.model.roi_size = 0  # RoIAlign output side; 0 = 7 for fpn, 14 for c4
+    c.model.sampling_ratio = 0  # RoIAlign samples per bin side; 0 = adaptive
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, BN stats, queues stay float32)
+
+    c.contrast = ml_collections.ConfigDict()
+    c.contrast.queue_size = 65536  # K, keys per level; a multiple of the global batch
+    c.contrast.temperature = 0.2  # T
+    c.contrast.momentum = 0.999  # key encoder momentum m
+
+    c.box_aug = ml_collections.ConfigDict()
+    c.box_aug.levels = (3,)  # levels whose query box is augmented: (3,) = P5 for fpn, (0,) for c4, () off
+    c.box_aug.stride = 16  # anchor centre spacing on the canvas
+    c.box_aug.base_size = 16  # anchor side at scale 1, ratio 1
+    c.box_aug.scales = (2, 4, 8, 16)  # anchor scales
+    c.box_aug.ratios = (0.5, 0.75, 1.0, 1.5, 2.0)  # anchor height / width ratios
+    c.box_aug.iou_threshold = 0.5  # candidates: anchors with IoU above this with the true box
+    c.box_aug.nms_threshold = 0.7  # NMS among the randomly scored candidates
+    c.box_aug.fallback_top_k = 4000  # candidates when no anchor passes iou_threshold
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = ml_collections.ConfigDict()
+    c.data.source.kind = "tfds"  # tfds | folder | file_list | synthetic
+    c.data.source.name = "imagenet2012"  # tfds: dataset name
+    c.data.source.split = "train"  # tfds / synthetic: split
+    c.data.source.data_dir = ""  # tfds / synthetic: data directory ("" = tfds default ~/tensorflow_datasets)
+    c.data.source.root = ""  # folder / file_list: image root
+    c.data.source.list_file = ""  # file_list: "relative/path [label]" per line
+    c.data.mode = "insloc"  # insloc (copy-paste composites) | moco (two RandomResizedCrop views)
+    c.data.canvas_size = 256  # InsLoc composite side
+    c.data.fg_size_range = (128, 255)  # pasted foreground target size, integers in [low, high)
+    c.data.moco_size = 224  # MoCo view side
+    c.data.background_mode = "stream"  # stream (other decoded images) | dataset (two random images)
+    c.data.augment_on = "host"  # host (tf.data) | device (inside the jitted step)
+    c.data.num_threads = 0  # tf.data threads; 0 = all cores
+    c.data.shuffle_buffer = 10000  # shuffle buffer of streamed (large tfds) sources
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.base_lr = 0.03  # learning rate at base_batch; scaled linearly with the global batch
+    c.optim.base_batch = 256  # batch of base_lr
+    c.optim.momentum = 0.9  # SGD momentum
+    c.optim.nesterov = True  # Nesterov (InsLoc) or plain (MoCo-v2)
+    c.optim.weight_decay = 1e-4  # on every parameter
+    c.optim.epochs = 200  # schedule length
+    c.optim.per_epoch = True  # cosine updated per epoch (as the original) instead of per step
+
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch = 256  # all devices of all hosts together
+    c.train.ghost_groups = 1  # BN groups per device (1 device with G groups = G devices' per-device BN)
+    c.train.parallel = "pmap"  # pmap | shard_map
+    c.train.total_steps = 0  # stop after this many steps; 0 = epochs x steps per epoch
+    c.train.log_every = 50  # steps between metric lines / TensorBoard points
+    c.train.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
+    c.train.keep_checkpoints = 3  # newest checkpoints kept
+    c.train.resume_from = ""  # a checkpoint directory to start from when the workdir has none
+    c.train.export_format = ""  # torchvision | mmdet | detectron2: also export at the end; "" = no
+    return c

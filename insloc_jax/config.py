@@ -1,0 +1,123 @@
+"""From a run config (configs/*.py) to the objects of a run; every derived value is computed here.
+
+Derived values: the per-device batch (global batch over all devices), the learning rate (linear scaling),
+steps per epoch and total steps, the encoder's kwargs, the step's static settings and the anchors.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from insloc_jax import optim
+from insloc_jax.models.encoder import Encoder
+from insloc_jax.ops import boxes as box_ops
+from insloc_jax.step import StepConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """Values computed from the config and the machine.
+
+    Attributes:
+      per_device_batch: samples per device per step.
+      global_batch: samples per step over all devices.
+      peak_lr: learning rate at step 0 (linearly scaled).
+      steps_per_epoch: global_batch-sized steps in one pass over the data.
+      total_steps: steps of the run.
+      image_size: input side (canvas_size for InsLoc, moco_size for MoCo).
+    """
+
+    per_device_batch: int
+    global_batch: int
+    peak_lr: float
+    steps_per_epoch: int
+    total_steps: int
+    image_size: int
+
+
+def derive(config: ml_collections.ConfigDict, num_devices: int, num_examples: int) -> Derived:
+    """Checks the config against the machine and the data and computes the derived values.
+
+    Args:
+      config: a run config.
+      num_devices: devices over all processes.
+      num_examples: images in the training source.
+
+    Raises:
+      ConfigError: with the field to change.
+    """
+    global_batch = config.train.global_batch
+    if global_batch % num_devices:
+        raise ConfigError(f"train.global_batch={global_batch} must be divisible by the {num_devices} devices")
+    per_device = global_batch // num_devices
+    if per_device % config.train.ghost_groups:
+        raise ConfigError(f"per-device batch {per_device} must be divisible by train.ghost_groups="
+                          f"{config.train.ghost_groups}")
+    if config.contrast.queue_size % global_batch:
+        raise ConfigError(f"contrast.queue_size={config.contrast.queue_size} must be a multiple of "
+                          f"train.global_batch={global_batch}")
+    if config.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
+    steps_per_epoch = max(1, num_examples // global_batch)
+    total = config.train.total_steps or steps_per_epoch * config.optim.epochs
+    image_size = config.data.moco_size if config.data.mode == "moco" else config.data.canvas_size
+    return Derived(
+        per_device_batch=per_device,
+        global_batch=global_batch,
+        peak_lr=optim.scaled_learning_rate(config.optim.base_lr, global_batch, config.optim.base_batch),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        image_size=image_size,
+    )
+
+
+def encoder_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """Plain kwargs of `models.encoder.Encoder` from `config.model` and `config.train.ghost_groups`."""
+    m = config.model
+    return dict(
+        arch=m.arch, depth=m.depth, width=m.width, dim=m.dim, fpn_dim=m.fpn_dim, head_convs=m.head_convs,
+        head_conv_dim=m.head_conv_dim, head_fcs=m.head_fcs, head_fc_dim=m.head_fc_dim, mlp_dim=m.mlp_dim,
+        roi_size=m.roi_size or None, sampling_ratio=m.sampling_ratio, dtype=DTYPES[m.dtype],
+        bn_num_groups=config.train.ghost_groups,
+    )
+
+
+def make_encoder(config: ml_collections.ConfigDict) -> Encoder:
+    """The encoder module of the run (query and key share it)."""
+    return Encoder(**encoder_kwargs(config))
+
+
+def step_config(config: ml_collections.ConfigDict) -> StepConfig:
+    """The step's static settings."""
+    return StepConfig(
+        momentum=config.contrast.momentum,
+        temperature=config.contrast.temperature,
+        augment_levels=tuple(config.box_aug.levels),
+        iou_threshold=config.box_aug.iou_threshold,
+        nms_threshold=config.box_aug.nms_threshold,
+        fallback_top_k=config.box_aug.fallback_top_k,
+    )
+
+
+def anchors(config: ml_collections.ConfigDict, image_size: int) -> np.ndarray:
+    """[A, 4] the box-augmentation anchors on the input canvas."""
+    b = config.box_aug
+    return box_ops.anchor_grid((image_size, image_size), b.stride, b.base_size, tuple(b.scales), tuple(b.ratios))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, derived: Derived):
+    """(optax transformation, schedule) of the run."""
+    schedule = optim.cosine_schedule(derived.peak_lr, derived.total_steps, derived.steps_per_epoch,
+                                     per_epoch=config.optim.per_epoch)
+    tx = optim.sgd(schedule, config.optim.momentum, config.optim.nesterov, config.optim.weight_decay)
+    return tx, schedule

@@ -1,0 +1,85 @@
+"""TrainState: everything a run is, so that a checkpoint of it resumes the run exactly.
+
+The data position is not stored: the input pipeline is a pure function of (seed, process index, step).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from insloc_jax import contrast
+from insloc_jax.models.encoder import Encoder
+
+PyTree = Any
+
+
+@struct.dataclass
+class TrainState:
+    """One device's copy of the run (replicated over devices by `parallel.replicate`).
+
+    Attributes:
+      step: int32 scalar, steps completed.
+      params / batch_stats: the query encoder (trained by SGD) and its BN running statistics.
+      key_params / key_batch_stats: the momentum (key) encoder and its own BN running statistics.
+      queues: [L, K, D] float32 past keys per level.
+      queue_ptr: int32 scalar, next queue row to overwrite (shared by all levels).
+      opt_state: optax state (momentum buffers).
+      rng: uint32 [2] raw PRNG key of the run; per step it is folded with the step number.
+    """
+
+    step: jnp.ndarray
+    params: PyTree
+    batch_stats: PyTree
+    key_params: PyTree
+    key_batch_stats: PyTree
+    queues: jnp.ndarray
+    queue_ptr: jnp.ndarray
+    opt_state: PyTree
+    rng: jnp.ndarray
+
+
+def init_variables(encoder: Encoder, rng: jax.Array, image_size: int) -> PyTree:
+    """Encoder variables {"params", "batch_stats"} from a dummy batch (one image per ghost group)."""
+    batch = max(1, encoder.bn_num_groups)
+    images = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
+    boxes = jnp.tile(jnp.array([[[0.0, 0.0, image_size / 2, image_size / 2]]]), (batch, encoder.num_levels, 1))
+    return encoder.init(rng, images, boxes, train=False)
+
+
+def create_state(
+    encoder: Encoder,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    image_size: int,
+    queue_size: int,
+) -> TrainState:
+    """A fresh run: query encoder initialised, key encoder an exact copy, queues random unit vectors.
+
+    Args:
+      encoder: the (query and key) encoder module.
+      tx: the optimiser.
+      rng: the run's root PRNG key (from `config.seed`).
+      image_size: input side used for initialisation (any size works for the conv weights).
+      queue_size: K.
+
+    Returns:
+      The step-0 TrainState (host-side, unreplicated).
+    """
+    init_rng, queue_rng, run_rng = jax.random.split(rng, 3)
+    variables = init_variables(encoder, init_rng, image_size)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        key_params=jax.tree.map(jnp.copy, params),
+        key_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+        queues=contrast.init_queues(queue_rng, encoder.num_levels, queue_size, encoder.dim),
+        queue_ptr=jnp.zeros((), jnp.int32),
+        opt_state=tx.init(params),
+        rng=run_rng,
+    )

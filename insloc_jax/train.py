@@ -1,0 +1,193 @@
+"""`python -m insloc_jax.train --config configs/X.py --workdir DIR [--config.a.b=value ...]`: pretraining.
+
+Runs InsLoc (fpn, c4) or the MoCo-v2 baseline on every local device through `jax.pmap` (or `shard_map`),
+and across hosts through `jax.distributed`. The workdir receives the resolved config (`config.json`),
+Orbax checkpoints (`checkpoints/`), `metrics.jsonl` and TensorBoard events. A run always resumes from the
+newest readable checkpoint in its workdir (else from `train.resume_from`); SIGTERM / SIGINT save a
+checkpoint and exit cleanly, so a preempted job simply restarts with the same command.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import sys
+from typing import Dict, Iterator, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from insloc_jax import config as config_lib
+from insloc_jax import parallel
+from insloc_jax.checkpoint import Checkpointer
+from insloc_jax.metrics import MetricWriter
+from insloc_jax.state import TrainState, create_state
+from insloc_jax.step import compile_step, train_step
+
+log = logging.getLogger("insloc_jax.train")
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step range and the last good checkpoint."""
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGINT; the loop checks it between steps, saves and exits."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def source_spec(config: ml_collections.ConfigDict) -> Dict:
+    """The data source dict for `data.sources.open_source`: the config's non-empty source fields."""
+    return {k: v for k, v in config.data.source.to_dict().items() if v not in ("", None)}
+
+
+def make_batches(config, derived, start_step: int) -> Iterator[Dict[str, np.ndarray]]:
+    """This host's batches [local_devices, per_device, ...] from `start_step` on (TensorFlow only here)."""
+    from insloc_jax.data.pipeline import make_pipeline
+
+    d = config.data
+    return make_pipeline(
+        source=source_spec(config), mode=d.mode, canvas_size=d.canvas_size, fg_size_range=tuple(d.fg_size_range),
+        moco_size=d.moco_size, background_mode=d.background_mode, per_device_batch=derived.per_device_batch,
+        local_devices=jax.local_device_count(), process_index=jax.process_index(),
+        process_count=jax.process_count(), seed=config.seed, start_step=start_step, augment_on=d.augment_on,
+        shuffle_buffer=d.shuffle_buffer, num_threads=d.num_threads or None,
+    )
+
+
+def count_examples(config: ml_collections.ConfigDict) -> int:
+    """Images in the training source (opens it; prepares the embedded dataset on first use)."""
+    from insloc_jax.data.sources import open_source
+
+    return open_source(source_spec(config)).num_examples
+
+
+def restore_or_create(config, derived, encoder, tx, checkpointer: Checkpointer) -> TrainState:
+    """The newest readable checkpoint of the workdir, else `train.resume_from`, else a fresh state."""
+    fresh = create_state(encoder, tx, jax.random.PRNGKey(config.seed), derived.image_size,
+                         config.contrast.queue_size)
+    restored = checkpointer.restore(fresh)
+    if restored is None and config.train.resume_from:
+        restored = Checkpointer(config.train.resume_from, async_save=False).restore(fresh)
+        if restored is None:
+            raise FileNotFoundError(f"train.resume_from={config.train.resume_from} holds no checkpoint")
+    if restored is None:
+        return fresh
+    log.info("resuming from step %d", restored[1])
+    return restored[0]
+
+
+def _check_finite(scalars: Dict[str, float], first_bad: int, last_good: int, checkpointer: Checkpointer):
+    if all(math.isfinite(v) for v in scalars.values()):
+        return
+    saved = checkpointer.steps()
+    raise NonFiniteLoss(
+        f"non-finite metrics {scalars} between steps {last_good} and {first_bad}; nothing was saved after "
+        f"step {last_good}. The last good checkpoint is step {saved[-1] if saved else 'none'} in "
+        f"{checkpointer.directory}: lower optim.base_lr or use model.dtype=float32 and rerun to resume."
+    )
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[int] = None) -> Dict:
+    """Trains until `total_steps` (or `stop_at`, or a stop signal), checkpointing along the way.
+
+    Args:
+      config: a run config (configs/base.py fields).
+      workdir: the run directory (created if needed).
+      stop_at: stop after this step as if preempted (tests); None = run to the end.
+
+    Returns:
+      {"step": last step, "metrics": the last logged scalars, "stopped_by": None | "signal" | "stop_at"}.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    derived = config_lib.derive(config, jax.device_count(), count_examples(config))
+    encoder = config_lib.make_encoder(config)
+    tx, schedule = config_lib.make_optimizer(config, derived)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+    state = restore_or_create(config, derived, encoder, tx, checkpointer)
+    start = int(state.step)
+    per_device = functools.partial(
+        train_step, encoder=encoder, tx=tx, schedule=schedule,
+        anchors=config_lib.anchors(config, derived.image_size), config=config_lib.step_config(config),
+    )
+    step_fn = compile_step(per_device, config.train.parallel)
+    state = parallel.replicate(state)
+    batches = parallel.prefetch_to_device(make_batches(config, derived, start), size=2)
+    writer = MetricWriter(workdir, derived.total_steps, start, derived.global_batch)
+    result = {"step": start, "metrics": {}, "stopped_by": None}
+    last_good = start
+    with _StopFlag() as stop:
+        for step in range(start + 1, derived.total_steps + 1):
+            state, metrics = step_fn(state, next(batches))
+            writer.advance()
+            result["step"] = step
+            due_log = step % config.train.log_every == 0 or step == derived.total_steps
+            due_save = step % config.train.checkpoint_every == 0 or step == derived.total_steps
+            stopping = stop.signal is not None or step == stop_at
+            if due_log or due_save or stopping:
+                scalars = {k: float(v) for k, v in parallel.unreplicate(metrics).items()}
+                _check_finite(scalars, step, last_good, checkpointer)
+                last_good = step
+                result["metrics"] = writer.write(step, scalars) if due_log else scalars
+            if due_save or stopping:
+                checkpointer.save(step, parallel.unreplicate(state))
+            if stopping:
+                result["stopped_by"] = "signal" if stop.signal is not None else "stop_at"
+                break
+    checkpointer.close()
+    writer.close()
+    return result
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "a run config, e.g. configs/insloc_fpn_200ep.py",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, TensorBoard, config.json")
+    flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
+    flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+    flags.mark_flags_as_required(["config", "workdir"])
+    return flags.FLAGS
+
+
+def main(argv):
+    del argv
+    flags = sys.modules["absl.flags"].FLAGS
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax reports every file it writes at INFO
+    parallel.initialize_distributed(flags.coordinator_address, flags.num_processes, flags.process_id)
+    result = train(flags.config, flags.workdir)
+    if jax.process_index() == 0:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
