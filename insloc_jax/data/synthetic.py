@@ -1,0 +1,155 @@
+"""The embedded dataset: procedurally generated, natural-looking images with class labels.
+
+Each image is a textured background (low-frequency colour fields plus fine grain) with one main object and
+one to three smaller distractors. The class decides the main object's shape, its texture family and its
+hue range; everything else (size, position, rotation, exact colours, texture frequency and phase, shading,
+distractors, background) is drawn per instance, so two images of one class are never alike and instance
+discrimination stays non-trivial. Labels make the set usable by quality probes (kNN, retrieval).
+
+It is a TFDS builder (`insloc_synthetic`) so it goes through the same tf.data path as ImageNet. It needs no
+download: `prepare(data_dir)` writes it once (a few seconds for the default sizes) and later calls reuse it.
+Image i of a split is drawn from `np.random.default_rng([seed, split_id, i])` alone, so the set is
+reproducible from its seed and independent of generation order.
+"""
+import dataclasses
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from insloc_jax.data import shapes
+
+SPLIT_IDS = {"train": 0, "test": 1}
+
+
+@dataclasses.dataclass
+class SyntheticConfig(tfds.core.BuilderConfig):
+    """Sizes of the embedded dataset; the config name must change whenever a field does.
+
+    Attributes:
+      image_size: side of the square images in pixels.
+      num_train: images in the `train` split.
+      num_test: images in the held-out `test` split.
+      num_classes: number of classes (at most len(shapes.SHAPES) * len(shapes.TEXTURES)).
+      seed: generation seed.
+    """
+    image_size: int = 112
+    num_train: int = 4096
+    num_test: int = 512
+    num_classes: int = 10
+    seed: int = 0
+
+
+def config_name(image_size: int, num_train: int, num_test: int, num_classes: int, seed: int) -> str:
+    """A config name that encodes every field, so different sizes live side by side in one data_dir."""
+    return f"s{image_size}_tr{num_train}_te{num_test}_c{num_classes}_seed{seed}"
+
+
+def make_config(**kwargs) -> SyntheticConfig:
+    """Builds a SyntheticConfig with a name derived from its fields (see SyntheticConfig for kwargs)."""
+    defaults = SyntheticConfig(name="defaults")
+    names = ("image_size", "num_train", "num_test", "num_classes", "seed")
+    unknown = set(kwargs) - set(names)
+    if unknown:
+        raise ValueError(f"unknown synthetic dataset options {sorted(unknown)}; expected some of {names}")
+    fields = {k: int(kwargs.get(k, getattr(defaults, k))) for k in names}
+    return SyntheticConfig(name=config_name(**fields), version="1.0.0", **fields)
+
+
+class InslocSynthetic(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder of the embedded procedural dataset (splits `train` and `test`)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [make_config()]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        size = self.builder_config.image_size
+        return self.dataset_info_from_configs(
+            description="Procedural textured shapes on textured backgrounds, labelled by main-object class.",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(size, size, 3), encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=self.builder_config.num_classes),
+                "index": np.int64,
+            }),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        cfg = self.builder_config
+        return {"train": self._generate_examples("train", cfg.num_train),
+                "test": self._generate_examples("test", cfg.num_test)}
+
+    def _generate_examples(self, split: str, count: int):
+        cfg = self.builder_config
+        for i in range(count):
+            image, label = generate_image(cfg.seed, SPLIT_IDS[split], i, cfg.image_size, cfg.num_classes)
+            yield i, {"image": image, "label": label, "index": i}
+
+
+def generate_image(seed: int, split_id: int, index: int, size: int, num_classes: int):
+    """Draws one image and its label.
+
+    Args:
+      seed: dataset seed.
+      split_id: 0 for train, 1 for test (different images, same distribution).
+      index: image index within the split.
+      size: image side in pixels.
+      num_classes: number of classes; the label is uniform over them.
+
+    Returns:
+      (uint8 [size, size, 3] image, int label).
+    """
+    rng = np.random.default_rng([seed, split_id, index])
+    label = int(rng.integers(num_classes))
+    yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    canvas = shapes.background(rng, size)
+    for _ in range(int(rng.integers(1, 4))):
+        canvas = _draw_object(canvas, rng, xx, yy, shape=int(rng.integers(len(shapes.SHAPES))),
+                              texture=int(rng.integers(len(shapes.TEXTURES))), hue=rng.random(),
+                              radius=rng.uniform(0.12, 0.25))
+    shape, texture, hue = class_style(label)
+    canvas = _draw_object(canvas, rng, xx, yy, shape, texture, hue + rng.uniform(-0.04, 0.04),
+                          radius=rng.uniform(0.3, 0.6))
+    grain = rng.normal(0.0, 4.0, canvas.shape)
+    return np.clip(canvas + grain, 0, 255).round().astype(np.uint8), label
+
+
+def class_style(label: int):
+    """The class-defining attributes: (shape id, texture id, base hue in [0, 1))."""
+    shape = label % len(shapes.SHAPES)
+    texture = (label // len(shapes.SHAPES) + 2 * label) % len(shapes.TEXTURES)
+    hue = (label * 0.618034) % 1.0  # golden-ratio steps keep class hues apart
+    return shape, texture, hue
+
+
+def _draw_object(canvas, rng, xx, yy, shape, texture, hue, radius):
+    """Pastes one shaded, textured object onto canvas (float [S, S, 3], 0..255)."""
+    cx, cy = rng.uniform(-0.6, 0.6, size=2)
+    angle = rng.uniform(0, 2 * np.pi)
+    u = ((xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)) / radius
+    v = (-(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)) / radius
+    mask = shapes.shape_mask(shape, u, v, aspect=rng.uniform(0.7, 1.3))
+    pattern = shapes.texture(texture, u, v, rng)  # [S, S] in 0..1
+    light = 0.75 + 0.25 * np.clip(1.0 - 0.5 * ((u - 0.3) ** 2 + (v + 0.3) ** 2), 0, 1)
+    colour_a = shapes.hsv_colour(hue % 1.0, rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0))
+    colour_b = shapes.hsv_colour((hue + rng.uniform(-0.08, 0.08)) % 1.0, rng.uniform(0.2, 0.8),
+                                 rng.uniform(0.2, 0.6))
+    fill = (pattern[..., None] * colour_a + (1 - pattern[..., None]) * colour_b) * light[..., None]
+    return np.where(mask[..., None], fill, canvas)
+
+
+def prepare(data_dir: str, **config_kwargs) -> tfds.core.DatasetBuilder:
+    """Returns the builder for these sizes, generating the dataset into data_dir if it is not there yet.
+
+    Args:
+      data_dir: TFDS data directory (e.g. /tmp/insloc_data).
+      **config_kwargs: SyntheticConfig fields (image_size, num_train, num_test, num_classes, seed).
+
+    Returns:
+      A prepared tfds builder; read it with `builder.as_dataset(split=...)`.
+    """
+    builder = InslocSynthetic(config=make_config(**config_kwargs), data_dir=data_dir)
+    if not builder.is_prepared():
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    return builder

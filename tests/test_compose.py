@@ -1,0 +1,184 @@
+"""Copy-paste composition against REFERENCE section 1, with numpy references written from the spec."""
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from insloc_jax.data import compose
+
+CANVAS = 256
+
+
+def np_bilinear(image, out_h, out_w):
+    """Bilinear resize with half-pixel centres and edge clamping (cv2 INTER_LINEAR semantics), float."""
+    in_h, in_w = image.shape[:2]
+    ys = np.clip((np.arange(out_h) + 0.5) * in_h / out_h - 0.5, 0, in_h - 1)
+    xs = np.clip((np.arange(out_w) + 0.5) * in_w / out_w - 0.5, 0, in_w - 1)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, in_h - 1), np.minimum(x0 + 1, in_w - 1)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    img = image.astype(np.float64)
+    top = img[y0][:, x0] * (1 - fx) + img[y0][:, x1] * fx
+    bottom = img[y1][:, x0] * (1 - fx) + img[y1][:, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def np_reference_views(rng, height, width, count, size_range=(128, 255)):
+    """Crop area fraction, log aspect and pasted (w, h) drawn by the spec's algorithm in numpy."""
+    area_frac, log_aspect, sizes = [], [], []
+    for _ in range(count):
+        for _ in range(10):
+            area = height * width * rng.uniform(0.2, 1.0)
+            ratio = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+            w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                break
+        else:
+            w, h = width, height  # square test images never need the aspect cut
+        tw, th = rng.integers(*size_range, size=2)
+        factor = min(max(tw, th) / max(w, h), min(tw, th) / min(w, h))
+        area_frac.append(w * h / (height * width))
+        log_aspect.append(math.log(w / h))
+        sizes.append((int(w * factor + 0.5), int(h * factor + 0.5)))
+    return np.array(area_frac), np.array(log_aspect), np.array(sizes)
+
+
+def _layers(image, count, canvas=CANVAS, size_range=(128, 255)):
+    """Boxes and crop windows of `count` views of `image`, seeds 0..count-1, in one graph run."""
+    ds = tf.data.Dataset.range(count).map(
+        lambda i: compose.foreground_layer(image, tf.stack([tf.cast(i, tf.int32), 7]), canvas, size_range)[1])
+    return next(iter(ds.batch(count))).numpy()
+
+
+def _crops(height, width, count):
+    ds = tf.data.Dataset.range(count).map(
+        lambda i: compose.sample_crop(tf.stack([tf.cast(i, tf.int32), 3]), height, width))
+    return next(iter(ds.batch(count))).numpy()
+
+
+def test_boxes_inside_canvas_and_sizes_in_range():
+    image = tf.zeros([300, 500, 3], tf.uint8)
+    boxes = _layers(image, 2000)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= CANVAS).all()
+    assert (w >= 1).all() and (h >= 1).all() and (np.maximum(w, h) <= 254).all()
+    assert np.array_equal(boxes, np.round(boxes))
+    # The top-left corner is uniform over the free range: its relative position has mean 1/2, var 1/12.
+    rel = boxes[:, 0] / (CANVAS - w)
+    assert abs(rel.mean() - 0.5) < 0.03 and abs(rel.var() - 1 / 12) < 0.01
+
+
+def test_paste_corner_reaches_both_ends():
+    # Near-canvas-sized pastes leave a few free pixels: both the first and the last corner must occur.
+    boxes = _layers(tf.zeros([300, 300, 3], tf.uint8), 600, size_range=(240, 255))
+    free_x, free_y = CANVAS - boxes[:, 2], CANVAS - boxes[:, 3]
+    assert (boxes[:, 0] == 0).any() and (free_x == 0).any()
+    assert (boxes[:, 1] == 0).any() and (free_y == 0).any()
+
+
+def test_crop_statistics_match_spec():
+    rng = np.random.default_rng(0)
+    side, count = 400, 3000
+    crops = _crops(side, side, count)
+    top, left, h, w = crops.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= side).all() and (left + w <= side).all()
+    ref_area, ref_aspect, _ = np_reference_views(rng, side, side, count)
+    quantiles = [0.1, 0.25, 0.5, 0.75, 0.9]
+    np.testing.assert_allclose(np.quantile(h * w / side**2, quantiles), np.quantile(ref_area, quantiles),
+                               atol=0.03)
+    np.testing.assert_allclose(np.quantile(np.log(w / h), quantiles), np.quantile(ref_aspect, quantiles),
+                               atol=0.06)
+    # The crop offset is uniform over the free range.
+    free = side - w
+    rel = left[free > 20] / free[free > 20]
+    assert abs(rel.mean() - 0.5) < 0.03
+
+
+def test_pasted_size_statistics_match_spec():
+    rng = np.random.default_rng(1)
+    count = 3000
+    boxes = _layers(tf.zeros([400, 400, 3], tf.uint8), count)
+    size = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1)
+    _, _, ref = np_reference_views(rng, 400, 400, count)
+    for stat in (lambda s: s.max(1), lambda s: s.min(1), lambda s: s[:, 0] / s[:, 1]):
+        np.testing.assert_allclose(np.quantile(stat(size), [0.1, 0.5, 0.9]),
+                                   np.quantile(stat(ref), [0.1, 0.5, 0.9]), rtol=0.04)
+
+
+@pytest.mark.parametrize("crop,target", [((300, 100), (200, 150)), ((50, 60), (254, 128)),
+                                         ((77, 77), (128, 200)), ((1000, 3), (130, 140))])
+def test_fit_size_keeps_aspect_within_target(crop, target):
+    new_h, new_w = [int(v) for v in compose.fit_size(crop[0], crop[1], target[0], target[1])]
+    long_t, short_t = max(target), min(target)
+    assert max(new_h, new_w) <= long_t and min(new_h, new_w) <= short_t
+    factor = min(long_t / max(crop), short_t / min(crop))
+    assert (new_h, new_w) == (max(1, int(crop[0] * factor + 0.5)), max(1, int(crop[1] * factor + 0.5)))
+    # Tight: one of the two bounds is met up to rounding.
+    assert max(new_h, new_w) >= long_t - 1 or min(new_h, new_w) >= short_t - 1
+
+
+def test_centre_crop_fallback_for_extreme_aspect():
+    crops = _crops(10, 1000, 50)
+    # No try fits (heights >= 14 > 10): torchvision crops the whole height at the widest allowed ratio 2.
+    np.testing.assert_array_equal(crops, np.tile([[0, 490, 10, 20]], (50, 1)))
+
+
+def test_paste_pixels_are_rescaled_crop_and_background_elsewhere():
+    height, width = 200, 250
+    yy, xx = np.mgrid[:height, :width]
+    coded = np.stack([xx, yy, np.full_like(xx, 77)], -1).astype(np.uint8)
+    texture = np.random.default_rng(2).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    background = np.random.default_rng(3).integers(0, 256, (CANVAS, CANVAS, 3), dtype=np.uint8)
+    for s in range(5):
+        seed = tf.constant([s, 11])
+        layer, box = compose.foreground_layer(tf.constant(coded), seed)
+        x1, y1, x2, y2 = box.numpy().astype(int)
+        out = compose.paste(layer, box, tf.constant(background)).numpy()
+        outside = np.ones((CANVAS, CANVAS), bool)
+        outside[y1:y2, x1:x2] = False
+        np.testing.assert_array_equal(out[outside], background[outside])
+        # The coordinate-coded image reveals the crop window: first/last sampled source column and row.
+        patch = out[y1:y2, x1:x2].astype(float)
+        cx0, cy0 = _window_start(patch[0, :, 0], x2 - x1), _window_start(patch[:, 0, 1], y2 - y1)
+        cw, ch = _window_length(patch[0, :, 0], x2 - x1), _window_length(patch[:, 0, 1], y2 - y1)
+        assert cx0 >= 0 and cy0 >= 0 and cx0 + cw <= width and cy0 + ch <= height
+        # The rescale kept the crop's aspect ratio (up to rounding of the pasted size).
+        assert abs(math.log((x2 - x1) / (y2 - y1)) - math.log(cw / ch)) < 0.03
+        # Same seed and shape give the same window on any content: compare with the numpy rescale.
+        layer_t, _ = compose.foreground_layer(tf.constant(texture), seed)
+        got = compose.paste(layer_t, box, tf.constant(background)).numpy()[y1:y2, x1:x2]
+        want = np_bilinear(texture[cy0:cy0 + ch, cx0:cx0 + cw], y2 - y1, x2 - x1)
+        assert np.abs(got - want).max() <= 1.01
+
+
+def _window_length(values, out_len):
+    """Crop length from the slope of the sampled coordinates (half-pixel bilinear)."""
+    j = np.arange(out_len)
+    interior = (j > 2) & (j < out_len - 3)
+    slope = np.polyfit(j[interior], values[interior], 1)[0]
+    return int(round(slope * out_len))
+
+
+def _window_start(values, out_len):
+    j = np.arange(out_len)
+    interior = (j > 2) & (j < out_len - 3)
+    slope, intercept = np.polyfit(j[interior], values[interior], 1)
+    return int(round(intercept - 0.5 * slope + 0.5))
+
+
+def test_moco_view_shape_and_box():
+    image = tf.constant(np.random.default_rng(4).integers(0, 256, (180, 320, 3), dtype=np.uint8))
+    view, box = compose.moco_view(image, tf.constant([1, 2]))
+    assert view.shape == (224, 224, 3) and view.dtype == tf.uint8
+    np.testing.assert_array_equal(box.numpy(), [0, 0, 224, 224])
+
+
+def test_moco_crop_uses_torchvision_ratio_range():
+    ds = tf.data.Dataset.range(1000).map(lambda i: compose.sample_crop(
+        tf.stack([tf.cast(i, tf.int32), 9]), 300, 300, log_ratio=compose.MOCO_LOG_RATIO))
+    top, left, h, w = next(iter(ds.batch(1000))).numpy().T
+    log_aspect = np.log(w / h)
+    # Rounding to whole pixels moves the aspect by at most ~1/sqrt(0.2 * 300^2) in log terms.
+    assert log_aspect.min() >= math.log(3 / 4) - 0.02 and log_aspect.max() <= math.log(4 / 3) + 0.02
+    assert log_aspect.min() < math.log(3 / 4) + 0.03 and log_aspect.max() > math.log(4 / 3) - 0.03
