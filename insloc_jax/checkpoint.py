@@ -69,7 +69,10 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Naming the handler lets a fresh manager read metadata of steps written by an earlier process.
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+        )
 
     def steps(self) -> list:
         """Committed checkpoint steps, oldest first."""

@@ -19,6 +19,7 @@ A moco encoder thus exports its backbone into either layout.
 
 import os
 import pickle
+import sys
 import tempfile
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -269,20 +270,23 @@ def _link_no_clobber(tmp: str, path: str, exists_error: str):
         os.replace(tmp, path)
 
 
-def save_pth(state_dict: Mapping[str, np.ndarray], path: str, force: bool = False):
+def save_pth(state_dict: Mapping[str, np.ndarray], path: str, force: bool = False, wrap: Optional[str] = None):
     """Saves a state dict as a PyTorch `.pth` file of tensors (`torch.load` + `load_state_dict`).
 
     Args:
       state_dict: {name: numpy array}, e.g. from `to_torchvision` or `to_mmdet`.
       path: destination file.
       force: overwrite an existing file (otherwise FileExistsError).
+      wrap: store {wrap: tensors} instead of the bare dict ("state_dict" for mmcv / mmdetection's
+        `load_checkpoint`).
     """
     try:
         import torch
     except ImportError as err:
         raise ImportError("save_pth needs PyTorch: `pip install torch` (the CPU build is enough)") from err
     tensors = {name: torch.from_numpy(np.array(value)) for name, value in state_dict.items()}
-    _write_atomic(path, lambda f: torch.save(tensors, f), force)
+    payload = {wrap: tensors} if wrap else tensors
+    _write_atomic(path, lambda f: torch.save(payload, f), force)
 
 
 def save_detectron2_pkl(state_dict: Mapping[str, np.ndarray], path: str, force: bool = False):
@@ -299,3 +303,67 @@ def save_detectron2_pkl(state_dict: Mapping[str, np.ndarray], path: str, force: 
         "matching_heuristics": True,
     }
     _write_atomic(path, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL), force)
+
+
+FORMATS = ("torchvision", "mmdet", "detectron2")
+
+
+def export_run(workdir: str, fmt: str, output: str, step: Optional[int] = None, arch: Optional[str] = None,
+               force: bool = False) -> Tuple[str, int, int]:
+    """Writes the query encoder of a run's checkpoint as PyTorch weights.
+
+    Args:
+      workdir: the training workdir.
+      fmt: "torchvision" (.pth), "mmdet" (.pth, {"state_dict": ...}) or "detectron2" (.pkl).
+      output: the file to write (never overwritten unless `force`).
+      step: checkpoint step; None = newest.
+      arch: target layout for mmdet / detectron2 ("fpn" or "c4"); None = the run's own (fpn for moco).
+
+    Returns:
+      (output path, checkpoint step, number of tensors written).
+    """
+    from insloc_jax.state import load_query_variables
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if os.path.exists(output) and not force:
+        raise FileExistsError(f"{output} exists; choose another --output or pass --force to overwrite it")
+    variables, config, step = load_query_variables(workdir, step)
+    target = arch or ("fpn" if config.model.arch == "moco" else config.model.arch)
+    steps_done = step  # each BatchNorm saw one training batch per step
+    if fmt == "torchvision":
+        state_dict = to_torchvision(variables, steps_done)
+        save_pth(state_dict, output, force)
+    elif fmt == "mmdet":
+        state_dict = to_mmdet(variables, target, steps_done)
+        save_pth(state_dict, output, force, wrap="state_dict")
+    else:
+        state_dict = to_detectron2(variables, target, steps_done)
+        save_detectron2_pkl(state_dict, output, force)
+    return output, step, len(state_dict)
+
+
+def main(argv=None) -> int:
+    """`python -m insloc_jax.export --workdir DIR --format F --output FILE [--step N] [--arch A] [--force]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m insloc_jax.export",
+                                     description="Export a run's query encoder as PyTorch weights.")
+    parser.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints/)")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--output", required=True, help="file to write (.pth or .pkl)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    parser.add_argument("--arch", choices=("fpn", "c4"), default=None, help="target layout (default: the run's)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    args = parser.parse_args(argv)
+    try:
+        path, step, count = export_run(args.workdir, args.format, args.output, args.step, args.arch, args.force)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {count} tensors of step {step} to {path} ({args.format})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -83,3 +83,47 @@ def create_state(
         opt_state=tx.init(params),
         rng=run_rng,
     )
+
+
+def load_run_config(workdir: str):
+    """The resolved config a run saved in `workdir/config.json`, as an ml_collections ConfigDict."""
+    import json
+    import os
+
+    import ml_collections
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir (no run wrote there)")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_query_variables(workdir: str, step=None, config=None):
+    """The trained query encoder of a run: ({"params", "batch_stats"}, config, step).
+
+    Args:
+      workdir: a training workdir (holds config.json and checkpoints/).
+      step: a checkpoint step; None = the newest readable one.
+      config: the run's config; None = the one saved in the workdir.
+
+    Raises:
+      FileNotFoundError: no config or no checkpoint in the workdir.
+      checkpoint.CheckpointError: the step is missing, unreadable or from another model.
+    """
+    import os
+
+    from insloc_jax import config as config_lib
+    from insloc_jax.checkpoint import Checkpointer
+
+    config = config or load_run_config(workdir)
+    encoder = config_lib.make_encoder(config)
+    # The state's structure does not depend on the machine or the data size: any valid values do.
+    derived = config_lib.derive(config, num_devices=1, num_examples=config.train.global_batch)
+    tx, _ = config_lib.make_optimizer(config, derived)
+    template = create_state(encoder, tx, jax.random.PRNGKey(0), derived.image_size, config.contrast.queue_size)
+    restored = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False).restore(template, step)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first, or check the path")
+    state, step = restored
+    return {"params": state.params, "batch_stats": state.batch_stats}, config, step

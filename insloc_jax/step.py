@@ -28,6 +28,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from insloc_jax import contrast, parallel
+from insloc_jax.data.augment_jax import augment_views  # pure JAX (the data package's only TF-free module)
 from insloc_jax.models.encoder import Encoder
 from insloc_jax.ops import boxes as box_ops
 from insloc_jax.state import TrainState
@@ -58,8 +59,6 @@ class StepConfig:
 def view(batch: Batch, index: int) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """Images [B, H, W, 3] float and boxes [B, 4] of view 1 or 2, augmenting on device if the batch asks."""
     if f"aug{index}_apply" in batch:
-        from insloc_jax.data.augment_jax import augment_views  # pure JAX; imported only when used
-
         return augment_views(batch, index)
     return batch[f"image{index}"], batch[f"boxes{index}"].astype(jnp.float32)
 
@@ -129,7 +128,8 @@ def train_step(state: TrainState, batch: Batch, *, encoder: Encoder, tx: optax.G
       encoder, tx, schedule, anchors, config: the run's static pieces.
 
     Returns:
-      (new state, metrics averaged over devices: loss, per-level loss_l / top1_l, lr, pos/neg logits).
+      (new state, metrics averaged over devices: loss, per-level loss_l / top1_l, lr, pos/neg logits,
+      grad_norm).
     """
     step_rng = jax.random.fold_in(state.rng, state.step)
     box_rng, shuffle_rng = jax.random.split(step_rng)
@@ -165,7 +165,9 @@ def train_step(state: TrainState, batch: Batch, *, encoder: Encoder, tx: optax.G
         queue_ptr=queue_ptr,
         opt_state=opt_state,
     )
-    return new_state, lax.pmean(_flat_metrics(loss, metrics, schedule(state.step)), parallel.AXIS)
+    flat = _flat_metrics(loss, metrics, schedule(state.step))
+    flat["grad_norm"] = optax.global_norm(grads)  # already averaged: the same on every device
+    return new_state, lax.pmean(flat, parallel.AXIS)
 
 
 def _flat_metrics(loss: jnp.ndarray, metrics: Dict[str, jnp.ndarray], lr: jnp.ndarray) -> Dict[str, jnp.ndarray]:

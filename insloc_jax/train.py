@@ -137,9 +137,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[int
     batches = parallel.prefetch_to_device(make_batches(config, derived, start), size=2)
     writer = MetricWriter(workdir, derived.total_steps, start, derived.global_batch)
     result = {"step": start, "metrics": {}, "stopped_by": None}
-    last_good = start
+    try:
+        _loop(config, derived, state, step_fn, batches, checkpointer, writer, result, stop_at)
+    finally:
+        checkpointer.close()  # commits any pending good checkpoint, also when the loop raised
+        writer.close()
+    return result
+
+
+def _loop(config, derived, state, step_fn, batches, checkpointer, writer, result, stop_at):
+    """The steps: log, NaN-check and checkpoint on schedule; stop on a signal or at `stop_at`."""
+    last_good = result["step"]
     with _StopFlag() as stop:
-        for step in range(start + 1, derived.total_steps + 1):
+        for step in range(result["step"] + 1, derived.total_steps + 1):
             state, metrics = step_fn(state, next(batches))
             writer.advance()
             result["step"] = step
@@ -152,13 +162,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[int
                 last_good = step
                 result["metrics"] = writer.write(step, scalars) if due_log else scalars
             if due_save or stopping:
-                checkpointer.save(step, parallel.unreplicate(state))
+                host_state = parallel.unreplicate(state)
+                if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host_state.params)):
+                    _check_finite({"params": math.nan}, step, step - 1, checkpointer)
+                checkpointer.save(step, host_state)
             if stopping:
                 result["stopped_by"] = "signal" if stop.signal is not None else "stop_at"
-                break
-    checkpointer.close()
-    writer.close()
-    return result
+                return
 
 
 def _define_flags():

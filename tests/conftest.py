@@ -1,5 +1,10 @@
-"""Test setup: 8 fake CPU devices and full float32 matmul precision, set before JAX is imported."""
+"""Test setup: 8 fake CPU devices and full float32 matmul precision, set before JAX is imported.
+
+A session-wide persistent compilation cache lets the training tests, which build the same tiny train step
+several times (straight run, interrupted run, resumed run), compile it once.
+"""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -7,3 +12,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="insloc_jax_test_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -7,10 +7,12 @@ imports only JAX, so the training step can use it without TensorFlow.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-MEAN = jnp.array([123.675, 116.28, 103.53])
-STD = jnp.array([58.395, 57.12, 57.375])
-LUMA = jnp.array([0.299, 0.587, 0.114])
+# numpy, not jnp: module constants must not become device arrays (or tracers, if first imported mid-trace).
+MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+STD = np.array([58.395, 57.12, 57.375], np.float32)
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 BLUR_RADIUS = 6
 
 

@@ -1,0 +1,66 @@
+"""Every published config builds its model and one train step at full size, through jax.eval_shape only."""
+import functools
+import importlib
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from insloc_jax import config as config_lib  # noqa: E402
+from insloc_jax import parallel  # noqa: E402
+from insloc_jax.state import create_state  # noqa: E402
+from insloc_jax.step import train_step  # noqa: E402
+
+IMAGENET_TRAIN = 1281167
+DEVICES = 8
+PUBLISHED = {
+    "insloc_fpn_200ep": ("fpn", 4, 200), "insloc_fpn_400ep": ("fpn", 4, 400),
+    "insloc_c4_200ep": ("c4", 1, 200), "insloc_c4_400ep": ("c4", 1, 400),
+    "mocov2_200ep": ("moco", 1, 200), "mocov2_800ep": ("moco", 1, 800),
+}
+
+
+def _batch_spec(per_device, size):
+    """The pipeline's on-device-augmentation batch for one step, [devices, per_device, ...]."""
+    lead = (DEVICES, per_device)
+    spec = {}
+    for v in (1, 2):
+        spec[f"image{v}"] = jax.ShapeDtypeStruct(lead + (size, size, 3), jnp.uint8)
+        spec[f"boxes{v}"] = jax.ShapeDtypeStruct(lead + (4,), jnp.float32)
+        spec[f"aug{v}_apply"] = jax.ShapeDtypeStruct(lead + (4,), jnp.bool_)
+        spec[f"aug{v}_factors"] = jax.ShapeDtypeStruct(lead + (4,), jnp.float32)
+        spec[f"aug{v}_order"] = jax.ShapeDtypeStruct(lead + (4,), jnp.int32)
+        spec[f"aug{v}_sigma"] = jax.ShapeDtypeStruct(lead, jnp.float32)
+    return spec
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_config_builds_and_steps_at_full_size(name):
+    arch, levels, epochs = PUBLISHED[name]
+    config = importlib.import_module(f"configs.{name}").get_config()
+    derived = config_lib.derive(config, DEVICES, IMAGENET_TRAIN)
+    assert config.model.arch == arch and config.model.depth == 50 and config.optim.epochs == epochs
+    assert derived.global_batch == 256 and derived.per_device_batch == 32
+    assert derived.peak_lr == pytest.approx(0.03) and derived.total_steps == 5004 * epochs
+    encoder = config_lib.make_encoder(config)
+    tx, schedule = config_lib.make_optimizer(config, derived)
+    state = jax.eval_shape(functools.partial(create_state, encoder, tx, image_size=derived.image_size,
+                                             queue_size=config.contrast.queue_size), jax.random.PRNGKey(0))
+    backbone = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params["backbone"]))
+    # torchvision's ResNet-50 without fc has 23,508,032 parameters; C4 keeps layer4 in its RoI head.
+    assert backbone == (23_508_032 if arch != "c4" else 23_508_032 - 14_964_736)
+    assert state.queues.shape == (levels, 65536, 128)
+    per_device = functools.partial(train_step, encoder=encoder, tx=tx, schedule=schedule,
+                                   anchors=config_lib.anchors(config, derived.image_size),
+                                   config=config_lib.step_config(config))
+    replicated = jax.tree.map(lambda x: jax.ShapeDtypeStruct((DEVICES,) + x.shape, x.dtype), state)
+    new_state, metrics = jax.eval_shape(jax.pmap(per_device, axis_name=parallel.AXIS), replicated,
+                                        _batch_spec(derived.per_device_batch, derived.image_size))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == \
+        jax.tree.map(lambda x: (x.shape, x.dtype), replicated)
+    assert metrics["loss"].shape == (DEVICES,)
+    assert {f"loss_{level}" for level in range(levels)} <= set(metrics)

@@ -1,0 +1,130 @@
+"""The train step on 8 fake CPU devices: pmap vs shard_map, ghost BN vs devices, momentum, queue, loss."""
+import functools
+import math
+import sys
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from configs import tiny  # noqa: E402
+from insloc_jax import config as config_lib  # noqa: E402
+from insloc_jax import parallel  # noqa: E402
+from insloc_jax.state import create_state  # noqa: E402
+from insloc_jax.step import compile_step, train_step  # noqa: E402
+
+DEVICES = 8
+GLOBAL = 16
+
+
+def _config(ghost_groups=1, base_lr=0.3, dim=16):
+    c = tiny.get_config()
+    c.train.ghost_groups = ghost_groups
+    c.optim.base_lr = base_lr
+    c.model.dim = dim
+    return c
+
+
+def _batches(count, seed=0):
+    """Random normalised images and valid boxes, [GLOBAL, ...] per batch."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        xy = rng.uniform(0, 24, (2, GLOBAL, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(24, 40, (2, GLOBAL, 2))], -1).astype(np.float32)
+        images = rng.standard_normal((2, GLOBAL, 64, 64, 3)).astype(np.float32)
+        out.append({"image1": images[0], "image2": images[1], "boxes1": boxes[0], "boxes2": boxes[1]})
+    return out
+
+
+def _run(config, devices, backend, batches):
+    """Runs the steps; returns (host states after each step, host metrics after each step)."""
+    derived = config_lib.derive(config, devices, num_examples=GLOBAL * 10)
+    encoder = config_lib.make_encoder(config)
+    tx, schedule = config_lib.make_optimizer(config, derived)
+    state = create_state(encoder, tx, jax.random.PRNGKey(config.seed), derived.image_size,
+                         config.contrast.queue_size)
+    per_device = functools.partial(train_step, encoder=encoder, tx=tx, schedule=schedule,
+                                   anchors=config_lib.anchors(config, derived.image_size),
+                                   config=config_lib.step_config(config))
+    local = jax.local_devices()[:devices]
+    step_fn = compile_step(per_device, backend, local)
+    replicated = parallel.replicate(state, local)
+    states, metrics = [state], []
+    for batch in batches:
+        replicated, m = step_fn(replicated, parallel.shard_batch(batch, devices))
+        states.append(parallel.unreplicate(replicated))
+        metrics.append({k: float(v) for k, v in parallel.unreplicate(m).items()})
+    return states, metrics
+
+
+@pytest.fixture(scope="module")
+def pmap_run():
+    return _run(_config(), DEVICES, "pmap", _batches(5))
+
+
+def _max_relative_difference(a, b):
+    diffs = jax.tree.map(
+        lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+                           / (np.max(np.abs(np.asarray(y, np.float64))) + 1e-12)), a, b)
+    return max(jax.tree.leaves(diffs))
+
+
+def test_pmap_steps_run_and_learn_something(pmap_run):
+    states, metrics = pmap_run
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert int(states[-1].step) == 5
+    assert set(metrics[0]) >= {"loss", "lr", "loss_3", "top1_0", "pos_logit_2", "neg_logit_1"}
+    moved = _max_relative_difference(states[-1].params, states[0].params)
+    assert moved > 1e-4, "SGD must change the query parameters"
+
+
+def test_shard_map_gives_the_same_results_as_pmap(pmap_run):
+    states, metrics = _run(_config(), DEVICES, "shard_map", _batches(2))
+    assert _max_relative_difference(states[-1], pmap_run[0][2]) < 1e-5
+    assert metrics[1]["loss"] == pytest.approx(pmap_run[1][1]["loss"], rel=1e-5)
+
+
+def test_one_device_with_eight_ghost_groups_equals_eight_devices(pmap_run):
+    states, metrics = _run(_config(ghost_groups=8), 1, "pmap", _batches(2))
+    for name in ("params", "key_params", "batch_stats", "key_batch_stats", "queues", "opt_state"):
+        assert _max_relative_difference(getattr(states[-1], name), getattr(pmap_run[0][2], name)) < 1e-3, name
+    assert metrics[1]["loss"] == pytest.approx(pmap_run[1][1]["loss"], rel=1e-4)
+
+
+def test_momentum_update_of_the_key_encoder(pmap_run):
+    states, _ = pmap_run
+    m = tiny.get_config().contrast.momentum
+    # The key encoder is updated from the query parameters *before* the step's SGD update.
+    want = jax.tree.map(lambda k, q: m * k + (1 - m) * q, states[1].key_params, states[1].params)
+    assert _max_relative_difference(states[2].key_params, want) < 1e-6
+    assert _max_relative_difference(states[1].key_params, states[0].params) < 1e-6  # exact copy at init
+
+
+def test_queue_fifo_wraps_around(pmap_run):
+    states, _ = pmap_run
+    size = tiny.get_config().contrast.queue_size  # 64 = 4 steps of 16
+    pointers = [int(s.queue_ptr) for s in states]
+    assert pointers == [0, 16, 32, 48, 0, 16]
+    for step in range(1, 6):
+        new, old = np.asarray(states[step].queues), np.asarray(states[step - 1].queues)
+        start = ((step - 1) * GLOBAL) % size
+        written = slice(start, start + GLOBAL)
+        assert not np.allclose(new[:, written], old[:, written])
+        untouched = np.ones(size, bool)
+        untouched[written] = False
+        np.testing.assert_array_equal(new[:, untouched], old[:, untouched])
+        np.testing.assert_allclose(np.linalg.norm(new, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_loss_at_initialisation_is_log_k_plus_one():
+    # With lr 0 the encoders stay at initialisation; once the queue holds the model's own keys (4 steps)
+    # a random network cannot tell the positive from the negatives, so each level's loss is ~log(K + 1).
+    _, metrics = _run(_config(base_lr=0.0, dim=128), DEVICES, "pmap", _batches(6, seed=1))
+    k = tiny.get_config().contrast.queue_size
+    losses = np.array([[m[f"loss_{level}"] for level in range(4)] for m in metrics[4:]])  # [2, 4]
+    assert np.mean(losses) == pytest.approx(math.log(k + 1), abs=0.2)
+    np.testing.assert_allclose(losses, math.log(k + 1), atol=0.5)

@@ -1,0 +1,115 @@
+"""The training command end to end on the embedded dataset: resume equality, SIGTERM, NaN guard, export."""
+import os
+import signal
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from configs import tiny  # noqa: E402
+from insloc_jax import export, train  # noqa: E402
+from insloc_jax.checkpoint import Checkpointer  # noqa: E402
+from insloc_jax.state import load_query_variables  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def _config(data_dir, **train_overrides):
+    c = tiny.get_config()
+    c.data.source.data_dir = data_dir
+    c.train.update(train_overrides)
+    return c
+
+
+def _restore(workdir, step=None):
+    variables, config, step = load_query_variables(workdir, step)
+    return variables, step
+
+
+def _state_at(workdir, config, step):
+    """The full TrainState saved at `step` (host arrays)."""
+    from insloc_jax import config as config_lib
+    from insloc_jax.state import create_state
+
+    derived = config_lib.derive(config, jax.device_count(), 64)
+    tx, _ = config_lib.make_optimizer(config, derived)
+    template = create_state(config_lib.make_encoder(config), tx, jax.random.PRNGKey(0), derived.image_size,
+                            config.contrast.queue_size)
+    return Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False).restore(template, step)[0]
+
+
+def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path, data_dir):
+    config = _config(data_dir)
+    straight = train.train(config, str(tmp_path / "straight"))
+    first = train.train(config, str(tmp_path / "resumed"), stop_at=3)
+    assert first["step"] == 3 and first["stopped_by"] == "stop_at"
+    second = train.train(config, str(tmp_path / "resumed"))
+    assert straight["step"] == second["step"] == 6
+    a = _state_at(str(tmp_path / "straight"), config, 6)
+    b = _state_at(str(tmp_path / "resumed"), config, 6)
+    for name in ("params", "batch_stats", "key_params", "key_batch_stats", "queues", "queue_ptr", "opt_state",
+                 "rng", "step"):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
+                                                             atol=1e-6, err_msg=name),
+                     getattr(a, name), getattr(b, name))
+    assert straight["metrics"]["loss"] == pytest.approx(second["metrics"]["loss"], rel=1e-5)
+    for run in ("straight", "resumed"):
+        lines = open(tmp_path / run / "metrics.jsonl").read().splitlines()
+        assert len(lines) == 6 and '"step": 6' in lines[-1]
+        assert (tmp_path / run / "config.json").exists()
+        assert os.listdir(tmp_path / run / "tensorboard")
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_stops(tmp_path, data_dir, monkeypatch):
+    make_batches = train.make_batches
+
+    def batches_then_sigterm(*args, **kwargs):
+        for i, batch in enumerate(make_batches(*args, **kwargs)):
+            if i == 0:  # the handler is installed before the loop asks for its first batch
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(train, "make_batches", batches_then_sigterm)
+    config = _config(data_dir, total_steps=1000, checkpoint_every=1000)
+    result = train.train(config, str(tmp_path))
+    assert result["stopped_by"] == "signal" and result["step"] == 1
+    variables, step = _restore(str(tmp_path))
+    assert step == 1 and "backbone" in variables["params"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    config = _config(data_dir, total_steps=8, checkpoint_every=1, keep_checkpoints=20)
+    config.optim.base_lr = 1e12
+    with pytest.raises(train.NonFiniteLoss, match="between steps") as info:
+        train.train(config, str(tmp_path))
+    saved = Checkpointer(str(tmp_path / "checkpoints")).steps()
+    assert saved and f"checkpoint is step {saved[-1]}" in str(info.value)
+    variables, _ = _restore(str(tmp_path))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
+
+
+def test_export_command_writes_each_format_and_never_clobbers(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    train.train(_config(data_dir, total_steps=2, checkpoint_every=2), str(workdir))
+    for fmt, name in (("torchvision", "tv.pth"), ("mmdet", "mm.pth"), ("detectron2", "d2.pkl")):
+        assert export.main(["--workdir", str(workdir), "--format", fmt, "--output", str(tmp_path / name)]) == 0
+    before = (tmp_path / "d2.pkl").read_bytes()
+    assert export.main(["--workdir", str(workdir), "--format", "detectron2", "--output",
+                        str(tmp_path / "d2.pkl")]) == 1
+    assert (tmp_path / "d2.pkl").read_bytes() == before
+    assert export.main(["--workdir", str(tmp_path / "missing"), "--format", "mmdet", "--output",
+                        str(tmp_path / "x.pth")]) == 1
+    import pickle
+
+    import torch
+
+    d2 = pickle.load(open(tmp_path / "d2.pkl", "rb"))
+    assert d2["matching_heuristics"] is True and "backbone.bottom_up.stem.conv1.weight" in d2["model"]
+    assert "state_dict" in torch.load(tmp_path / "mm.pth")
+    assert "layer4.1.bn2.running_var" in torch.load(tmp_path / "tv.pth")  # ResNet-18: 2 basic blocks
