@@ -1,4 +1,8 @@
-"""The training command end to end on the embedded dataset: resume equality, SIGTERM, NaN guard, export."""
+"""The training command end to end on the embedded dataset: resume equality, SIGTERM, NaN guard, export.
+
+Runs share one config where they can, so the persistent compilation cache (conftest.py) compiles the tiny
+train step once for all of them.
+"""
 import os
 import signal
 import sys
@@ -75,8 +79,7 @@ def test_sigterm_saves_a_restorable_checkpoint_and_stops(tmp_path, data_dir, mon
             yield batch
 
     monkeypatch.setattr(train, "make_batches", batches_then_sigterm)
-    config = _config(data_dir, total_steps=1000, checkpoint_every=1000)
-    result = train.train(config, str(tmp_path))
+    result = train.train(_config(data_dir), str(tmp_path))  # same step as the other tests: compiled once
     assert result["stopped_by"] == "signal" and result["step"] == 1
     variables, step = _restore(str(tmp_path))
     assert step == 1 and "backbone" in variables["params"]
@@ -96,7 +99,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
 
 def test_export_command_writes_each_format_and_never_clobbers(tmp_path, data_dir):
     workdir = tmp_path / "run"
-    train.train(_config(data_dir, total_steps=2, checkpoint_every=2), str(workdir))
+    train.train(_config(data_dir), str(workdir), stop_at=2)
     for fmt, name in (("torchvision", "tv.pth"), ("mmdet", "mm.pth"), ("detectron2", "d2.pkl")):
         assert export.main(["--workdir", str(workdir), "--format", fmt, "--output", str(tmp_path / name)]) == 0
     before = (tmp_path / "d2.pkl").read_bytes()
