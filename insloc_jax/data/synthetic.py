@@ -148,7 +148,10 @@ def prepare(data_dir: str, **config_kwargs) -> tfds.core.DatasetBuilder:
     Returns:
       A prepared tfds builder; read it with `builder.as_dataset(split=...)`.
     """
-    builder = InslocSynthetic(config=make_config(**config_kwargs), data_dir=data_dir)
+    config = make_config(**config_kwargs)
+    # tfds refuses a custom config named like a registered one: pass the registered one by name.
+    registered = {c.name for c in InslocSynthetic.BUILDER_CONFIGS}
+    builder = InslocSynthetic(config=config.name if config.name in registered else config, data_dir=data_dir)
     if not builder.is_prepared():
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
             download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
