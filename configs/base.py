@@ -66,6 +66,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.epochs = 200  # schedule length
     c.optim.per_epoch = True  # cosine updated per epoch (as the original) instead of per step
 
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # frozen-feature probes during training every this many steps; 0 = off
+    c.eval.seed = 0  # probe composition / augmentation / box-jitter seed
+    c.eval.num_test = 512  # held-out images probed (0 = the whole split)
+    c.eval.num_bank = 4096  # kNN memory-bank images from eval.train_split (0 = the whole split)
+    c.eval.train_split = "train"  # kNN memory bank split
+    c.eval.test_split = "test"  # held-out split ("validation" for imagenet2012)
+    c.eval.augment = True  # training pixel augmentation on the probe composites
+    c.eval.batch_size = 64  # images per forward pass
+    c.eval.fit_fraction = 0.5  # share of held-out instances the box-regression probe is fitted on
+
     c.train = ml_collections.ConfigDict()
     c.train.global_batch = 256  # all devices of all hosts together
     c.train.ghost_groups = 1  # BN groups per device (1 device with G groups = G devices' per-device BN)

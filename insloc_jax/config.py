@@ -81,6 +81,11 @@ def derive(config: ml_collections.ConfigDict, num_devices: int, num_examples: in
     )
 
 
+def source_spec(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """The data source dict for `data.sources.open_source`: the config's non-empty source fields."""
+    return {k: v for k, v in config.data.source.to_dict().items() if v not in ("", None)}
+
+
 def encoder_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     """Plain kwargs of `models.encoder.Encoder` from `config.model` and `config.train.ghost_groups`."""
     m = config.model

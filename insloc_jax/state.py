@@ -85,6 +85,34 @@ def create_state(
     )
 
 
+def initial_state(config, derived=None, abstract: bool = False) -> TrainState:
+    """The step-0 TrainState of a run config, exactly as a fresh run creates it.
+
+    Args:
+      config: a run config.
+      derived: its derived values; None = one device and a one-batch dataset (only the schedule depends on
+        them, never a shape).
+      abstract: return shapes only (`jax.eval_shape`), e.g. as a restore target.
+    """
+    from insloc_jax import config as config_lib
+
+    derived = derived or config_lib.derive(config, num_devices=1, num_examples=config.train.global_batch)
+    tx, _ = config_lib.make_optimizer(config, derived)
+    encoder = config_lib.make_encoder(config)
+
+    def make():
+        return create_state(encoder, tx, jax.random.PRNGKey(config.seed), derived.image_size,
+                            config.contrast.queue_size)
+
+    # Under jit the initialisation is one compiled program instead of hundreds of eager ops.
+    return jax.eval_shape(make) if abstract else jax.jit(make)()
+
+
+def query_variables(state: TrainState) -> PyTree:
+    """The query encoder's variables {"params", "batch_stats"} of a host TrainState."""
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
 def load_run_config(workdir: str):
     """The resolved config a run saved in `workdir/config.json`, as an ml_collections ConfigDict."""
     import json
@@ -93,7 +121,7 @@ def load_run_config(workdir: str):
     import ml_collections
 
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir (no run wrote there)")
     with open(path, encoding="utf-8") as f:
         return ml_collections.ConfigDict(json.load(f))
@@ -113,17 +141,15 @@ def load_query_variables(workdir: str, step=None, config=None):
     """
     import os
 
-    from insloc_jax import config as config_lib
     from insloc_jax.checkpoint import Checkpointer
 
     config = config or load_run_config(workdir)
-    encoder = config_lib.make_encoder(config)
-    # The state's structure does not depend on the machine or the data size: any valid values do.
-    derived = config_lib.derive(config, num_devices=1, num_examples=config.train.global_batch)
-    tx, _ = config_lib.make_optimizer(config, derived)
-    template = create_state(encoder, tx, jax.random.PRNGKey(0), derived.image_size, config.contrast.queue_size)
-    restored = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False).restore(template, step)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        restored = checkpointer.restore(initial_state(config, abstract=True), step)
+    finally:
+        checkpointer.close()
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first, or check the path")
     state, step = restored
-    return {"params": state.params, "batch_stats": state.batch_stats}, config, step
+    return query_variables(state), config, step

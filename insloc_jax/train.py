@@ -25,7 +25,7 @@ from insloc_jax import config as config_lib
 from insloc_jax import parallel
 from insloc_jax.checkpoint import Checkpointer
 from insloc_jax.metrics import MetricWriter
-from insloc_jax.state import TrainState, create_state
+from insloc_jax.state import TrainState, initial_state
 from insloc_jax.step import compile_step, train_step
 
 log = logging.getLogger("insloc_jax.train")
@@ -55,19 +55,14 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def source_spec(config: ml_collections.ConfigDict) -> Dict:
-    """The data source dict for `data.sources.open_source`: the config's non-empty source fields."""
-    return {k: v for k, v in config.data.source.to_dict().items() if v not in ("", None)}
-
-
 def make_batches(config, derived, start_step: int) -> Iterator[Dict[str, np.ndarray]]:
     """This host's batches [local_devices, per_device, ...] from `start_step` on (TensorFlow only here)."""
     from insloc_jax.data.pipeline import make_pipeline
 
     d = config.data
     return make_pipeline(
-        source=source_spec(config), mode=d.mode, canvas_size=d.canvas_size, fg_size_range=tuple(d.fg_size_range),
-        moco_size=d.moco_size, background_mode=d.background_mode, per_device_batch=derived.per_device_batch,
+        source=config_lib.source_spec(config), mode=d.mode, canvas_size=d.canvas_size,
+        fg_size_range=tuple(d.fg_size_range), moco_size=d.moco_size, background_mode=d.background_mode, per_device_batch=derived.per_device_batch,
         local_devices=jax.local_device_count(), process_index=jax.process_index(),
         process_count=jax.process_count(), seed=config.seed, start_step=start_step, augment_on=d.augment_on,
         shuffle_buffer=d.shuffle_buffer, num_threads=d.num_threads or None,
@@ -78,13 +73,12 @@ def count_examples(config: ml_collections.ConfigDict) -> int:
     """Images in the training source (opens it; prepares the embedded dataset on first use)."""
     from insloc_jax.data.sources import open_source
 
-    return open_source(source_spec(config)).num_examples
+    return open_source(config_lib.source_spec(config)).num_examples
 
 
-def restore_or_create(config, derived, encoder, tx, checkpointer: Checkpointer) -> TrainState:
+def restore_or_create(config, derived, checkpointer: Checkpointer) -> TrainState:
     """The newest readable checkpoint of the workdir, else `train.resume_from`, else a fresh state."""
-    fresh = create_state(encoder, tx, jax.random.PRNGKey(config.seed), derived.image_size,
-                         config.contrast.queue_size)
+    fresh = initial_state(config, derived)
     restored = checkpointer.restore(fresh)
     if restored is None and config.train.resume_from:
         restored = Checkpointer(config.train.resume_from, async_save=False).restore(fresh)
@@ -126,7 +120,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[int
     encoder = config_lib.make_encoder(config)
     tx, schedule = config_lib.make_optimizer(config, derived)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-    state = restore_or_create(config, derived, encoder, tx, checkpointer)
+    state = restore_or_create(config, derived, checkpointer)
     start = int(state.step)
     per_device = functools.partial(
         train_step, encoder=encoder, tx=tx, schedule=schedule,
@@ -136,17 +130,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[int
     state = parallel.replicate(state)
     batches = parallel.prefetch_to_device(make_batches(config, derived, start), size=2)
     writer = MetricWriter(workdir, derived.total_steps, start, derived.global_batch)
+    probe = _periodic_probe(config, workdir)
     result = {"step": start, "metrics": {}, "stopped_by": None}
     try:
-        _loop(config, derived, state, step_fn, batches, checkpointer, writer, result, stop_at)
+        _loop(config, derived, state, step_fn, batches, checkpointer, writer, result, stop_at, probe)
     finally:
         checkpointer.close()  # commits any pending good checkpoint, also when the loop raised
         writer.close()
     return result
 
 
-def _loop(config, derived, state, step_fn, batches, checkpointer, writer, result, stop_at):
-    """The steps: log, NaN-check and checkpoint on schedule; stop on a signal or at `stop_at`."""
+def _periodic_probe(config, workdir: str):
+    """callable(step, host state) running the frozen-feature probes (process 0), or None when off."""
+    every = config.get("eval", {}).get("every_steps", 0)
+    if not every or jax.process_index() != 0:
+        return None
+    from insloc_jax.evaluate import make_periodic_evaluator
+    from insloc_jax.state import query_variables
+
+    evaluator = make_periodic_evaluator(config, workdir)
+    return lambda step, state: evaluator(step, query_variables(state))
+
+
+def _loop(config, derived, state, step_fn, batches, checkpointer, writer, result, stop_at, probe=None):
+    """The steps: log, NaN-check, checkpoint and probe on schedule; stop on a signal or at `stop_at`."""
     last_good = result["step"]
     with _StopFlag() as stop:
         for step in range(result["step"] + 1, derived.total_steps + 1):
@@ -166,6 +173,8 @@ def _loop(config, derived, state, step_fn, batches, checkpointer, writer, result
                 if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host_state.params)):
                     _check_finite({"params": math.nan}, step, step - 1, checkpointer)
                 checkpointer.save(step, host_state)
+            if probe is not None and step % config.eval.every_steps == 0:
+                log.info("step %d probes: %s", step, probe(step, parallel.unreplicate(state)))
             if stopping:
                 result["stopped_by"] = "signal" if stop.signal is not None else "stop_at"
                 return

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from configs import tiny  # noqa: E402
 from insloc_jax import export, train  # noqa: E402
 from insloc_jax.checkpoint import Checkpointer  # noqa: E402
-from insloc_jax.state import load_query_variables  # noqa: E402
+from insloc_jax.state import initial_state, load_query_variables  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +37,8 @@ def _restore(workdir, step=None):
 
 def _state_at(workdir, config, step):
     """The full TrainState saved at `step` (host arrays)."""
-    from insloc_jax import config as config_lib
-    from insloc_jax.state import create_state
-
-    derived = config_lib.derive(config, jax.device_count(), 64)
-    tx, _ = config_lib.make_optimizer(config, derived)
-    template = create_state(config_lib.make_encoder(config), tx, jax.random.PRNGKey(0), derived.image_size,
-                            config.contrast.queue_size)
-    return Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False).restore(template, step)[0]
+    target = initial_state(config, abstract=True)
+    return Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False).restore(target, step)[0]
 
 
 def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path, data_dir):

@@ -1,0 +1,242 @@
+"""`python -m insloc_jax.evaluate --workdir DIR [--step N | --random] [--config X.py]`: frozen-feature probes.
+
+Measures what the backbone of the query encoder learned (never the projection head), on held-out images:
+  retrieval_top1   two new composites of every held-out image (copy-paste onto other held-out images, the
+                   data package's composition, deterministic from eval.seed); the instance's view-1 box
+                   feature must find its own view-2 box feature among all N instances (cosine, top-1).
+                   Box feature = RoIAlign 7x7 of the true box on res5 (for c4 the res5 of `Encoder.features`,
+                   i.e. the RoI head run on the whole res4 map), averaged over the 7x7 cells.
+  knn_top1         whole images resized to data.moco_size, global-pooled res5, kNN (k=20, T=0.07,
+                   probes.knn_predict) with the train split as the memory bank and the held-out split as
+                   queries, scored against the dataset's labels (skipped when the source has none).
+  box_iou_before / box_iou_after / box_iou_gain
+                   each composite's true box is jittered (probes.jitter_boxes); a ridge probe maps the
+                   jittered box's RoI features to the deltas onto the true box. RoI features: the jittered
+                   box enlarged 1.5x about its centre (so true edges outside it are in view), clipped to the
+                   canvas, RoIAlign 4x4 on res4 and 2x2 on res5, flattened and concatenated; the spatial grid
+                   is kept because offsets are about where things are inside the box. Fit on the first
+                   half of the instances (both views), scored on the other half.
+Results go to `DIR/eval/step_<N>.json` and TensorBoard (`DIR/tensorboard`, tags `eval/<metric>`); --random
+evaluates the untrained step-0 state of the config (`create_state`) as step 0.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from insloc_jax import config as config_lib
+from insloc_jax import probes
+from insloc_jax.probe_data import ProbeData, Settings, load_probe_data
+from insloc_jax.models.encoder import Encoder
+from insloc_jax.ops.roi_align import roi_align
+from insloc_jax.state import initial_state, load_query_variables, load_run_config, query_variables
+
+CONTEXT = 1.5
+REGRESSION_GRIDS = (("res4", 4), ("res5", 2))
+
+
+def context_boxes(boxes: jnp.ndarray, canvas_size: int, factor: float = CONTEXT) -> jnp.ndarray:
+    """[B, 4] boxes enlarged `factor` times about their centres and clipped to the canvas."""
+    centre = 0.5 * (boxes[:, :2] + boxes[:, 2:])
+    half = 0.5 * factor * (boxes[:, 2:] - boxes[:, :2])
+    return jnp.clip(jnp.concatenate([centre - half, centre + half], axis=1), 0.0, float(canvas_size))
+
+
+def make_extractors(encoder: Encoder):
+    """The probes' jitted feature functions of a frozen encoder (BatchNorm in evaluation mode).
+
+    Args:
+      encoder: the run's Encoder; only `Encoder.features` (res4, res5) is used.
+
+    Returns:
+      (composite_features, whole_features):
+        composite_features(variables, images [B, S, S, 3], boxes [B, 4], jittered [B, 4]) ->
+          {"box": [B, C5] true-box feature, "regress": [B, 16 * C4 + 4 * C5] jittered-box grid features};
+        whole_features(variables, images [B, s, s, 3]) -> [B, C5] global-pooled res5.
+    """
+
+    def maps(variables, images):
+        feats = encoder.apply(variables, images, train=False, method=Encoder.features)
+        return {k: feats[k].astype(jnp.float32) for k in ("res4", "res5")}
+
+    def composite_features(variables, images, boxes, jittered):
+        feats = maps(variables, images)
+        scale = {k: v.shape[1] / images.shape[1] for k, v in feats.items()}  # 1 / stride
+        box = roi_align(feats["res5"], boxes, None, 7, scale["res5"]).mean(axis=(1, 2))  # [B, C5]
+        window = context_boxes(jittered, images.shape[1])
+        grids = [roi_align(feats[k], window, None, size, scale[k]).reshape(len(images), -1)
+                 for k, size in REGRESSION_GRIDS]
+        return {"box": box, "regress": jnp.concatenate(grids, axis=1)}
+
+    def whole_features(variables, images):
+        return maps(variables, images)["res5"].mean(axis=(1, 2))  # [B, C5]
+
+    return jax.jit(composite_features), jax.jit(whole_features)
+
+
+def batched(fn, variables, arrays, batch_size: int):
+    """Runs fn over chunks of the leading axis and concatenates the (host) outputs.
+
+    Args:
+      fn: jitted fn(variables, *chunks) -> array or dict of arrays, per-row outputs.
+      variables: passed through.
+      arrays: equally long arrays [N, ...].
+      batch_size: rows per call; every call gets the same shape (the last chunk is padded by repeating the
+        last row), so fn compiles once.
+
+    Returns:
+      fn's output structure with numpy arrays of N rows.
+    """
+    n = len(arrays[0])
+    size = min(batch_size, n)
+    pad = -n % size
+    padded = [np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a for a in arrays]
+    outs = [jax.device_get(fn(variables, *[a[s:s + size] for a in padded])) for s in range(0, n + pad, size)]
+    return jax.tree.map(lambda *parts: np.concatenate(parts)[:n], *outs)
+
+
+def _flat_views(x: np.ndarray) -> np.ndarray:
+    """[2, N, ...] (view, instance) -> [2N, ...], view-major."""
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def run_probes(extractors, variables, data: ProbeData, settings: Settings) -> Dict[str, float]:
+    """The three probes on prepared data.
+
+    Args:
+      extractors: `make_extractors(encoder)` of the variables' encoder.
+      variables: the query encoder's {"params", "batch_stats"}.
+      data: `load_probe_data` output.
+      settings: probe settings (batch size, fit fraction).
+
+    Returns:
+      {"retrieval_top1", "retrieval_chance", "knn_top1" (sources with labels), "box_iou_before",
+       "box_iou_after", "box_iou_gain", "box_ridge_alpha", "eval_seconds"}: floats.
+    """
+    start = time.perf_counter()
+    composite_fn, whole_fn = extractors
+    _, n = data.boxes.shape[:2]
+    views = [_flat_views(x) for x in (data.composites, data.boxes, data.jittered)]  # [2N, ...] each
+    feats = batched(composite_fn, variables, views, settings.batch_size)
+    box = feats["box"].reshape(2, n, -1)
+    metrics = {"retrieval_top1": probes.retrieval_top1(box[0], box[1]), "retrieval_chance": 1.0 / n}
+    if np.all(data.labels >= 0):
+        whole = batched(whole_fn, variables, [data.whole], settings.batch_size)
+        m = data.num_bank
+        metrics["knn_top1"] = probes.knn_top1(whole[:m], data.labels[:m], whole[m:], data.labels[m:],
+                                              int(data.labels.max()) + 1)
+    fit = np.broadcast_to(np.arange(n) < max(1, int(round(settings.fit_fraction * n))), (2, n))
+    metrics.update(probes.box_regression_probe(feats["regress"], views[2].astype(np.float64),
+                                               views[1].astype(np.float64), fit.reshape(-1)))
+    metrics["box_iou_gain"] = metrics["box_iou_after"] - metrics["box_iou_before"]
+    metrics["eval_seconds"] = time.perf_counter() - start
+    return metrics
+
+
+def evaluate(config: ml_collections.ConfigDict, variables, source: Optional[Dict[str, Any]] = None,
+             settings: Optional[Settings] = None) -> Dict[str, float]:
+    """Runs every probe on the query encoder `variables` ({"params", "batch_stats"}) of `config`.
+
+    Args:
+      config: the run config the variables belong to.
+      variables: the query encoder's {"params", "batch_stats"} (host or device arrays, not replicated).
+      source: a source spec overriding config.data.source.
+      settings: probe settings (default: `Settings.from_config(config)`).
+
+    Returns:
+      {metric name: float}, see the module docstring.
+    """
+    settings = settings or Settings.from_config(config)
+    data = load_probe_data(config, settings, source)
+    return run_probes(make_extractors(config_lib.make_encoder(config)), variables, data, settings)
+
+
+def random_variables(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """The untrained query encoder a run of `config` starts from (its step-0 state)."""
+    return query_variables(initial_state(config))
+
+
+def write_results(workdir: str, step: int, metrics: Dict[str, float]) -> str:
+    """Writes `workdir/eval/step_<step>.json` and TensorBoard scalars `eval/<name>`; returns the JSON path."""
+    from tensorboardX import SummaryWriter
+
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    path = os.path.join(workdir, "eval", f"step_{step}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"step": step, **metrics}, f, indent=2)
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    for name, value in metrics.items():
+        writer.add_scalar(f"eval/{name}", value, step)
+    writer.close()
+    return path
+
+
+def make_periodic_evaluator(config: ml_collections.ConfigDict, workdir: str):
+    """A callable(step, host_variables) -> metrics for the training loop; data and jit are prepared once.
+
+    Args:
+      config: the run config (probe settings from `config.eval`).
+      workdir: where results are written (see `write_results`).
+
+    Returns:
+      evaluate_at(step, variables): runs the probes on the query encoder {"params", "batch_stats"},
+      writes JSON and TensorBoard scalars, returns the metrics.
+    """
+    settings = Settings.from_config(config)
+    data = load_probe_data(config, settings)
+    extractors = make_extractors(config_lib.make_encoder(config))
+
+    def evaluate_at(step: int, variables) -> Dict[str, float]:
+        metrics = run_probes(extractors, variables, data, settings)
+        write_results(workdir, int(step), metrics)
+        return metrics
+
+    return evaluate_at
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "the run's config file (default: WORKDIR/config.json)")
+    flags.DEFINE_string("workdir", None, "run directory with checkpoints/ (and config.json)")
+    flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the newest)")
+    flags.DEFINE_bool("random", False, "evaluate the untrained step-0 encoder instead of a checkpoint")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    del argv
+    from insloc_jax.checkpoint import CheckpointError
+
+    flags = sys.modules["absl.flags"].FLAGS
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax reports every file it reads at INFO
+
+    try:
+        config = flags.config if flags.config is not None else load_run_config(flags.workdir)
+        if flags.random:
+            variables, step = random_variables(config), 0
+        else:
+            variables, _, step = load_query_variables(flags.workdir, flags.step, config)
+        metrics = evaluate(config, variables)
+    except (FileNotFoundError, CheckpointError, config_lib.ConfigError) as error:
+        # SourceError (a missing dataset) is a FileNotFoundError too; its message says how to prepare it.
+        raise SystemExit(f"error: {error}") from None
+    path = write_results(flags.workdir, step, metrics)
+    print(json.dumps({"step": step, "written": path, **metrics}))
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,202 @@
+"""Frozen-feature probes: known answers on constructed features, loop references, and one tiny end-to-end run.
+
+The probe functions are checked where the right answer is known without the code under test: identical or
+independent features for retrieval, separable clusters or labels unrelated to the features for kNN, a hand-computed vote,
+boxes and deltas worked out by hand, ridge against the normal equations and brute-force leave-one-out, and
+a box probe on features that encode the offsets linearly (must recover them) or are pure noise (must not
+beat the uncorrected boxes).
+"""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from insloc_jax import probes
+
+
+def test_retrieval_identical_scaled_features_is_perfect():
+    feats = np.random.default_rng(0).normal(size=(50, 16))
+    assert probes.retrieval_top1(feats, 3.0 * feats) == 1.0  # cosine ignores scale
+
+
+def test_retrieval_of_shifted_pairs_is_zero_and_random_is_chance():
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(50, 32))
+    assert probes.retrieval_top1(feats, np.roll(feats, 1, axis=0)) == 0.0
+    n = 400
+    accuracy = probes.retrieval_top1(rng.normal(size=(n, 32)), rng.normal(size=(n, 32)))
+    assert accuracy < 5.0 / n  # chance is 1 / n = 0.0025
+
+
+def test_knn_on_separable_clusters_is_perfect_and_on_unrelated_labels_is_chance():
+    rng = np.random.default_rng(2)
+    centres = 10.0 * np.eye(4, 32)
+    bank_labels, query_labels = rng.integers(0, 4, 400), rng.integers(0, 4, 400)
+    bank = centres[bank_labels] + rng.normal(size=(400, 32))
+    queries = centres[query_labels] + rng.normal(size=(400, 32))
+    assert probes.knn_top1(bank, bank_labels, queries, query_labels, 4) == 1.0
+    # Labels unrelated to the features: every query's vote is an independent draw, so accuracy is chance.
+    bank, queries = rng.normal(size=(1000, 32)), rng.normal(size=(1000, 32))
+    shuffled = rng.permutation(bank_labels.repeat(3)[:1000])
+    assert abs(probes.knn_top1(bank, shuffled, queries, rng.integers(0, 4, 1000), 4) - 0.25) < 0.06
+
+
+def test_knn_vote_is_similarity_weighted():
+    # Three neighbours: two of class 0 at cosine 0.1, one of class 1 at cosine 0.9.
+    query = np.array([[1.0, 0.0]])
+    at = lambda c: [c, np.sqrt(1 - c * c)]  # noqa: E731
+    bank = np.array([at(0.1), at(0.1), at(0.9), at(-0.9)])
+    labels = np.array([0, 0, 1, 1])
+    # T = 0.07: exp(0.9 / T) outweighs 2 exp(0.1 / T); a large T turns the vote into a majority vote.
+    assert probes.knn_predict(bank, labels, query, 2, k=3, temperature=0.07)[0] == 1
+    assert probes.knn_predict(bank, labels, query, 2, k=3, temperature=100.0)[0] == 0
+
+
+def _loop_knn(bank, labels, queries, num_classes, k, temperature):
+    """Reference: one query at a time, sorting python lists."""
+    out = []
+    for q in queries:
+        sims = [float(q @ b / np.linalg.norm(q) / np.linalg.norm(b)) for b in bank]
+        order = sorted(range(len(bank)), key=lambda j: -sims[j])[:k]
+        votes = [0.0] * num_classes
+        for j in order:
+            votes[labels[j]] += np.exp(sims[j] / temperature)
+        out.append(int(np.argmax(votes)))
+    return np.array(out)
+
+
+def test_knn_matches_loop_reference():
+    rng = np.random.default_rng(3)
+    bank, queries = rng.normal(size=(60, 8)), rng.normal(size=(25, 8))
+    labels = rng.integers(0, 5, 60)
+    expected = _loop_knn(bank, labels, queries, 5, 20, 0.07)
+    np.testing.assert_array_equal(probes.knn_predict(bank, labels, queries, 5), expected)
+
+
+def test_box_deltas_by_hand_and_round_trip():
+    box = np.array([[0.0, 0.0, 10.0, 10.0]])
+    target = np.array([[5.0, 0.0, 15.0, 20.0]])  # centre (10, 10) vs (5, 5); width same, height doubled
+    np.testing.assert_allclose(probes.box_deltas(box, target), [[0.5, 0.5, 0.0, np.log(2.0)]])
+    rng = np.random.default_rng(4)
+    xy = rng.uniform(0, 50, (20, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(2, 40, (20, 2))], axis=1)
+    xy = rng.uniform(0, 50, (20, 2))
+    targets = np.concatenate([xy, xy + rng.uniform(2, 40, (20, 2))], axis=1)
+    np.testing.assert_allclose(probes.apply_deltas(boxes, probes.box_deltas(boxes, targets)), targets,
+                               atol=1e-9)
+
+
+def test_paired_iou_by_hand():
+    a = np.array([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 4.0, 4.0]])
+    b = np.array([[1.0, 1.0, 3.0, 3.0], [2.0, 2.0, 3.0, 3.0], [0.0, 0.0, 4.0, 2.0]])
+    np.testing.assert_allclose(probes.paired_iou(a, b), [1.0 / 7.0, 0.0, 0.5])
+
+
+def test_jitter_boxes_is_deterministic_and_stays_on_canvas():
+    rng = np.random.default_rng(5)
+    xy = rng.uniform(0, 30, (200, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(16, 34, (200, 2))], axis=1)
+    a, b = probes.jitter_boxes(boxes, 7, 64), probes.jitter_boxes(boxes, 7, 64)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, probes.jitter_boxes(boxes, 8, 64))
+    assert a.min() >= 0.0 and a.max() <= 64.0 and np.all(a[:, 2:] - a[:, :2] >= 2.0)
+    iou = probes.paired_iou(a, boxes)
+    assert 0.3 < iou.mean() < 0.8 and iou.max() < 1.0
+
+
+def test_ridge_matches_normal_equations_for_a_fixed_strength():
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(40, 10)) * rng.uniform(0.5, 3, 10) + 2.0, rng.normal(size=(40, 3))
+    model = probes.fit_ridge(x, y, grid=(0.5,))
+    xs = (x - x.mean(0)) / x.std(0)
+    alpha = 0.5 * len(x)
+    weights = np.linalg.solve(xs.T @ xs + alpha * np.eye(10), xs.T @ (y - y.mean(0)))
+    np.testing.assert_allclose(model["weights"], weights, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(probes.predict_ridge(model, x), xs @ weights + y.mean(0), atol=1e-9)
+
+
+def test_ridge_strength_is_the_brute_force_leave_one_out_choice():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(30, 6))
+    y = x @ rng.normal(size=(6, 2)) + 2.0 * rng.normal(size=(30, 2))
+    xs, grid = (x - x.mean(0)) / x.std(0), (1e-3, 1e-1, 1.0, 10.0)
+
+    def loo_error(a):
+        """Refits ridge with an unpenalised intercept on n - 1 rows, for every held-out row."""
+        errors = []
+        for i in range(len(x)):
+            keep = np.arange(len(x)) != i
+            xk, yk = xs[keep], y[keep]
+            xc = xk - xk.mean(0)
+            w = np.linalg.solve(xc.T @ xc + a * len(x) * np.eye(6), xc.T @ (yk - yk.mean(0)))
+            prediction = (xs[i] - xk.mean(0)) @ w + yk.mean(0)
+            errors.append(np.sum((prediction - y[i]) ** 2))
+        return np.mean(errors)
+
+    expected = grid[int(np.argmin([loo_error(a) for a in grid]))] * len(x)
+    assert probes.fit_ridge(x, y, grid)["alpha"] == pytest.approx(expected)
+
+
+def _probe_boxes(n, seed):
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 30, (n, 2))
+    true = np.concatenate([xy, xy + rng.uniform(16, 34, (n, 2))], axis=1)
+    return true, probes.jitter_boxes(true, seed + 1, 64)
+
+
+def test_box_probe_recovers_linearly_encoded_offsets():
+    rng = np.random.default_rng(8)
+    true, jittered = _probe_boxes(400, 9)
+    deltas = probes.box_deltas(jittered, true)
+    # Features: an invertible mixing of the deltas, small noise, and 60 irrelevant dimensions.
+    feats = np.concatenate([deltas @ rng.normal(size=(4, 20)) + 0.01 * rng.normal(size=(400, 20)),
+                            rng.normal(size=(400, 60))], axis=1)
+    fit = np.arange(400) < 200
+    result = probes.box_regression_probe(feats, jittered, true, fit)
+    assert result["box_iou_after"] > 0.95
+    assert result["box_iou_after"] > result["box_iou_before"] + 0.2
+    np.testing.assert_allclose(result["box_iou_before"], probes.paired_iou(jittered[~fit], true[~fit]).mean())
+
+
+def test_box_probe_on_noise_features_does_not_beat_the_jittered_boxes():
+    true, jittered = _probe_boxes(400, 10)
+    feats = np.random.default_rng(11).normal(size=(400, 80))
+    result = probes.box_regression_probe(feats, jittered, true, np.arange(400) < 200)
+    assert result["box_iou_after"] < result["box_iou_before"] + 0.02
+
+
+def test_evaluate_end_to_end_on_the_tiny_embedded_dataset(tmp_path):
+    from configs import tiny
+    from insloc_jax import config as config_lib
+    from insloc_jax import evaluate
+    from insloc_jax.models.encoder import Encoder
+
+    config = tiny.get_config()
+    config.data.source.data_dir = str(tmp_path / "data")
+    # Backbone-only variables keep the test fast; the probes never touch the head.
+    images = np.zeros((1, config.data.canvas_size, config.data.canvas_size, 3), np.float32)
+    variables = jax.jit(lambda: config_lib.make_encoder(config).init(
+        jax.random.PRNGKey(0), images, method=Encoder.features))()
+    metrics = evaluate.evaluate(config, variables)
+    expected = {"retrieval_top1", "retrieval_chance", "knn_top1", "box_iou_before", "box_iou_after",
+                "box_iou_gain", "box_ridge_alpha", "eval_seconds"}
+    assert set(metrics) == expected
+    num_test = config.data.source.num_test
+    assert metrics["retrieval_chance"] == pytest.approx(1.0 / num_test)
+    for name in ("retrieval_top1", "knn_top1", "box_iou_before", "box_iou_after"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    # Accuracies are multiples of 1 / (number of queries).
+    assert metrics["retrieval_top1"] * num_test == pytest.approx(round(metrics["retrieval_top1"] * num_test))
+    assert 0.2 < metrics["box_iou_before"] < 0.9
+    assert metrics["box_iou_gain"] == pytest.approx(metrics["box_iou_after"] - metrics["box_iou_before"])
+
+    # The periodic evaluator rebuilds the same probe data from the seed and writes what it returns.
+    workdir = str(tmp_path / "run")
+    again = evaluate.make_periodic_evaluator(config, workdir)(3, variables)
+    assert {k: v for k, v in again.items() if k != "eval_seconds"} == pytest.approx(
+        {k: v for k, v in metrics.items() if k != "eval_seconds"})
+    with open(os.path.join(workdir, "eval", "step_3.json")) as f:
+        assert json.load(f) == {"step": 3, **again}
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
