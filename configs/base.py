@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.head_conv_dim = 256  # FPN head conv channels
     c.model.head_fcs = 2  # FPN head fc layers before the projection
     c.model.head_fc_dim = 1024  # FPN head fc width
+    c.model.head_out_init_std = 0.01  # init std of the FPN head's 128-d fc (the original's 0.01)
     c.model.mlp_dim = 2048  # hidden width of the c4 / moco projection MLP
     c.model.roi_size = 0  # RoIAlign output side; 0 = 7 for fpn, 14 for c4
     c.model.sampling_ratio = 0  # RoIAlign samples per bin side; 0 = adaptive
@@ -65,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 1e-4  # on every parameter
     c.optim.epochs = 200  # schedule length
     c.optim.per_epoch = True  # cosine updated per epoch (as the original) instead of per step
+    c.optim.warmup_steps = 0  # linear warm-up steps (0 = none, as the paper)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 0  # frozen-feature probes during training every this many steps; 0 = off

@@ -91,7 +91,8 @@ def encoder_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     m = config.model
     return dict(
         arch=m.arch, depth=m.depth, width=m.width, dim=m.dim, fpn_dim=m.fpn_dim, head_convs=m.head_convs,
-        head_conv_dim=m.head_conv_dim, head_fcs=m.head_fcs, head_fc_dim=m.head_fc_dim, mlp_dim=m.mlp_dim,
+        head_conv_dim=m.head_conv_dim, head_fcs=m.head_fcs, head_fc_dim=m.head_fc_dim,
+        head_out_init_std=m.head_out_init_std, mlp_dim=m.mlp_dim,
         roi_size=m.roi_size or None, sampling_ratio=m.sampling_ratio, dtype=DTYPES[m.dtype],
         bn_num_groups=config.train.ghost_groups,
     )
@@ -123,6 +124,7 @@ def anchors(config: ml_collections.ConfigDict, image_size: int) -> np.ndarray:
 def make_optimizer(config: ml_collections.ConfigDict, derived: Derived):
     """(optax transformation, schedule) of the run."""
     schedule = optim.cosine_schedule(derived.peak_lr, derived.total_steps, derived.steps_per_epoch,
-                                     per_epoch=config.optim.per_epoch)
+                                     per_epoch=config.optim.per_epoch,
+                                     warmup_steps=config.optim.get("warmup_steps", 0))
     tx = optim.sgd(schedule, config.optim.momentum, config.optim.nesterov, config.optim.weight_decay)
     return tx, schedule

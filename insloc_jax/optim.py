@@ -18,8 +18,9 @@ def scaled_learning_rate(base_lr: float, global_batch: int, base_batch: int = 25
     return base_lr * global_batch / base_batch
 
 
-def cosine_schedule(peak_lr: float, total_steps: int, steps_per_epoch: int, per_epoch: bool = True):
-    """Cosine annealing from `peak_lr` to 0 over the run, no warm-up.
+def cosine_schedule(peak_lr: float, total_steps: int, steps_per_epoch: int, per_epoch: bool = True,
+                    warmup_steps: int = 0):
+    """Cosine annealing from `peak_lr` to 0 over the run (no warm-up in the paper's schedule).
 
     Args:
       peak_lr: the learning rate at step 0.
@@ -27,6 +28,8 @@ def cosine_schedule(peak_lr: float, total_steps: int, steps_per_epoch: int, per_
       steps_per_epoch: steps in one epoch.
       per_epoch: hold the rate constant within an epoch (mmcv's `CosineAnnealing` with `by_epoch=True`, as
         the original), else anneal every step.
+      warmup_steps: optional linear ramp over the first steps, multiplying the cosine; 0 = none (the
+        published configs). Short runs use it while the queue still holds its random initial vectors.
 
     Returns:
       An optax schedule: step -> float32 learning rate.
@@ -39,7 +42,8 @@ def cosine_schedule(peak_lr: float, total_steps: int, steps_per_epoch: int, per_
             progress = jnp.floor(step / steps_per_epoch) / epochs
         else:
             progress = step / max(total_steps, 1)
-        return 0.5 * peak_lr * (1.0 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
+        ramp = jnp.minimum(1.0, (step + 1.0) / warmup_steps) if warmup_steps else 1.0
+        return ramp * 0.5 * peak_lr * (1.0 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
 
     return schedule
 

@@ -50,3 +50,11 @@ def test_cosine_schedule_per_epoch_and_per_step():
 def test_linear_scaling():
     assert optim.scaled_learning_rate(0.03, 256) == pytest.approx(0.03)
     assert optim.scaled_learning_rate(0.03, 1024) == pytest.approx(0.12)
+
+
+def test_optional_linear_warmup_multiplies_the_cosine():
+    peak, total = 0.1, 100
+    schedule = optim.cosine_schedule(peak, total, 10, per_epoch=False, warmup_steps=20)
+    for step in (0, 5, 19, 20, 60):
+        cosine = 0.5 * peak * (1 + math.cos(math.pi * step / total))
+        assert float(schedule(step)) == pytest.approx(min(1.0, (step + 1) / 20) * cosine, rel=1e-6)

@@ -49,6 +49,7 @@ class Encoder(nn.Module):
       fpn_dim: FPN channels (256).
       head_convs, head_conv_dim: conv layers of the FPN head (4 x 256).
       head_fcs, head_fc_dim: fc layers of the FPN head (2 x 1024).
+      head_out_init_std: init std of the FPN head's final fc (0.01 in the original).
       mlp_dim: hidden width of the c4 / moco projection MLP (2048).
       roi_size: RoIAlign output side; None means 7 for fpn and 14 for c4.
       sampling_ratio: RoIAlign samples per bin side; 0 = adaptive ceil(roi_size / output_size).
@@ -68,6 +69,7 @@ class Encoder(nn.Module):
     head_conv_dim: int = 256
     head_fcs: int = 2
     head_fc_dim: int = 1024
+    head_out_init_std: float = 0.01
     mlp_dim: int = 2048
     roi_size: Optional[int] = None
     sampling_ratio: int = 0
@@ -87,7 +89,8 @@ class Encoder(nn.Module):
         if self.arch == "fpn":
             self.neck = FPN(self.fpn_dim, **bn)
             self.head = FPNBoxHead(
-                self.head_convs, self.head_conv_dim, self.head_fcs, self.head_fc_dim, self.dim, **bn
+                self.head_convs, self.head_conv_dim, self.head_fcs, self.head_fc_dim, self.dim, **bn,
+                out_init_std=self.head_out_init_std,
             )
         elif self.arch == "c4":
             self.head = C4Head(self.depth, self.width, self.mlp_dim, self.dim, **bn)

@@ -28,7 +28,8 @@ class FPNBoxHead(nn.Module):
     Attributes:
       num_convs, conv_dim: number and width of the 3x3 conv + BN + ReLU layers.
       num_fcs, fc_dim: number and width of the fc + ReLU layers (Xavier-uniform, zero bias).
-      out_dim: width of the final projection `fc_cls` (normal(0, 0.01), zero bias), no activation.
+      out_dim: width of the final projection `fc_cls` (normal(0, out_init_std), zero bias), no activation.
+      out_init_std: init std of `fc_cls`; 0.01 in the original.
       dtype: compute dtype.
       bn_axis_name, bn_num_groups, bn_momentum: BatchNorm settings (see `models/norm.py`).
     """
@@ -42,6 +43,7 @@ class FPNBoxHead(nn.Module):
     bn_axis_name: Optional[str] = None
     bn_num_groups: int = 1
     bn_momentum: float = 0.9
+    out_init_std: float = 0.01
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -62,7 +64,7 @@ class FPNBoxHead(nn.Module):
             )(x)
             x = nn.relu(x)
         return nn.Dense(
-            self.out_dim, dtype=self.dtype, kernel_init=nn.initializers.normal(0.01), name="fc_cls"
+            self.out_dim, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="fc_cls"
         )(x)  # [R, out_dim]
 
 
