@@ -19,6 +19,7 @@ from typing import Dict, Iterator, Optional
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 
 from insloc_jax import config as config_lib
@@ -73,7 +74,14 @@ def count_examples(config: ml_collections.ConfigDict) -> int:
     """Images in the training source (opens it; prepares the embedded dataset on first use)."""
     from insloc_jax.data.sources import open_source
 
-    return open_source(config_lib.source_spec(config)).num_examples
+    spec = config_lib.source_spec(config)
+    if jax.process_count() > 1:
+        # Process 0 prepares the source (the embedded dataset is generated on first use); the others
+        # wait for it rather than race it for the same directory.
+        if jax.process_index() == 0:
+            open_source(spec)
+        multihost_utils.sync_global_devices("insloc_jax: data source ready")
+    return open_source(spec).num_examples
 
 
 def restore_or_create(config, derived, checkpointer: Checkpointer) -> TrainState:

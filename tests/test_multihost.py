@@ -1,0 +1,39 @@
+"""Two processes with two CPU devices each (gloo collectives on 127.0.0.1) train like one process with four."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(process, processes, port, local_devices):
+    env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen([sys.executable, WORKER, str(process), str(processes), str(port), str(local_devices)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _losses(proc):
+    out, _ = proc.communicate(timeout=400)
+    lines = [line for line in out.splitlines() if line.startswith("LOSSES ")]
+    assert proc.returncode == 0 and lines, out[-3000:]
+    return json.loads(lines[-1][len("LOSSES "):])
+
+
+def test_two_processes_of_two_devices_equal_one_process_of_four():
+    port = _free_port()
+    procs = [_launch(p, 2, port, 2) for p in range(2)] + [_launch(0, 1, 0, 4)]
+    first, second, single = (_losses(p) for p in procs)
+    assert first == second, "every process reports the same (averaged) losses"
+    assert len(single) == 3
+    for a, b in zip(first, single):
+        assert a == pytest.approx(b, rel=1e-5)
