@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.contrast.queue_size = 65536  # K, keys per level; a multiple of the global batch
     c.contrast.temperature = 0.2  # T
     c.contrast.momentum = 0.999  # key encoder momentum m
+    # First steps at learning rate 0, so the queue fills with real keys before anything is learned; 0 = the
+    # paper's start from a queue of random vectors (which collapses InsLoc-FPN at small scale, BENCHMARKS.md)
+    c.contrast.queue_fill_steps = 0
 
     c.box_aug = ml_collections.ConfigDict()
     c.box_aug.levels = (3,)  # levels whose query box is augmented: (3,) = P5 for fpn, (0,) for c4, () off

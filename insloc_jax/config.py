@@ -125,6 +125,7 @@ def make_optimizer(config: ml_collections.ConfigDict, derived: Derived):
     """(optax transformation, schedule) of the run."""
     schedule = optim.cosine_schedule(derived.peak_lr, derived.total_steps, derived.steps_per_epoch,
                                      per_epoch=config.optim.per_epoch,
-                                     warmup_steps=config.optim.get("warmup_steps", 0))
+                                     warmup_steps=config.optim.get("warmup_steps", 0),
+                                     hold_steps=config.contrast.get("queue_fill_steps", 0))
     tx = optim.sgd(schedule, config.optim.momentum, config.optim.nesterov, config.optim.weight_decay)
     return tx, schedule

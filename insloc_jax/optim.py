@@ -19,7 +19,7 @@ def scaled_learning_rate(base_lr: float, global_batch: int, base_batch: int = 25
 
 
 def cosine_schedule(peak_lr: float, total_steps: int, steps_per_epoch: int, per_epoch: bool = True,
-                    warmup_steps: int = 0):
+                    warmup_steps: int = 0, hold_steps: int = 0):
     """Cosine annealing from `peak_lr` to 0 over the run (no warm-up in the paper's schedule).
 
     Args:
@@ -29,7 +29,9 @@ def cosine_schedule(peak_lr: float, total_steps: int, steps_per_epoch: int, per_
       per_epoch: hold the rate constant within an epoch (mmcv's `CosineAnnealing` with `by_epoch=True`, as
         the original), else anneal every step.
       warmup_steps: optional linear ramp over the first steps, multiplying the cosine; 0 = none (the
-        published configs). Short runs use it while the queue still holds its random initial vectors.
+        published configs).
+      hold_steps: optional first steps at learning rate 0 (the step still runs, so the queue fills with
+        real keys); 0 = none (the published configs).
 
     Returns:
       An optax schedule: step -> float32 learning rate.
@@ -43,7 +45,8 @@ def cosine_schedule(peak_lr: float, total_steps: int, steps_per_epoch: int, per_
         else:
             progress = step / max(total_steps, 1)
         ramp = jnp.minimum(1.0, (step + 1.0) / warmup_steps) if warmup_steps else 1.0
-        return ramp * 0.5 * peak_lr * (1.0 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
+        lr = ramp * 0.5 * peak_lr * (1.0 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
+        return jnp.where(step < hold_steps, 0.0, lr)
 
     return schedule
 

@@ -58,3 +58,9 @@ def test_optional_linear_warmup_multiplies_the_cosine():
     for step in (0, 5, 19, 20, 60):
         cosine = 0.5 * peak * (1 + math.cos(math.pi * step / total))
         assert float(schedule(step)) == pytest.approx(min(1.0, (step + 1) / 20) * cosine, rel=1e-6)
+
+
+def test_hold_steps_keep_the_learning_rate_at_zero_first():
+    schedule = optim.cosine_schedule(0.1, 100, 10, per_epoch=False, hold_steps=8)
+    assert [float(schedule(s)) for s in range(8)] == [0.0] * 8
+    assert float(schedule(8)) == pytest.approx(0.05 * (1 + math.cos(math.pi * 8 / 100)), rel=1e-6)
