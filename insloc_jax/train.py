@@ -86,14 +86,15 @@ def count_examples(config: ml_collections.ConfigDict) -> int:
 
 def restore_or_create(config, derived, checkpointer: Checkpointer) -> TrainState:
     """The newest readable checkpoint of the workdir, else `train.resume_from`, else a fresh state."""
-    fresh = initial_state(config, derived)
-    restored = checkpointer.restore(fresh)
+    # Restoring needs only shapes; the network is initialised only when there is nothing to resume.
+    target = initial_state(config, derived, abstract=True)
+    restored = checkpointer.restore(target)
     if restored is None and config.train.resume_from:
-        restored = Checkpointer(config.train.resume_from, async_save=False).restore(fresh)
+        restored = Checkpointer(config.train.resume_from, async_save=False).restore(target)
         if restored is None:
             raise FileNotFoundError(f"train.resume_from={config.train.resume_from} holds no checkpoint")
     if restored is None:
-        return fresh
+        return initial_state(config, derived)
     log.info("resuming from step %d", restored[1])
     return restored[0]
 

@@ -5,23 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from image_reference import np_bilinear
 from insloc_jax.data import compose
 
 CANVAS = 256
-
-
-def np_bilinear(image, out_h, out_w):
-    """Bilinear resize with half-pixel centres and edge clamping (cv2 INTER_LINEAR semantics), float."""
-    in_h, in_w = image.shape[:2]
-    ys = np.clip((np.arange(out_h) + 0.5) * in_h / out_h - 0.5, 0, in_h - 1)
-    xs = np.clip((np.arange(out_w) + 0.5) * in_w / out_w - 0.5, 0, in_w - 1)
-    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
-    y1, x1 = np.minimum(y0 + 1, in_h - 1), np.minimum(x0 + 1, in_w - 1)
-    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    img = image.astype(np.float64)
-    top = img[y0][:, x0] * (1 - fx) + img[y0][:, x1] * fx
-    bottom = img[y1][:, x0] * (1 - fx) + img[y1][:, x1] * fx
-    return top * (1 - fy) + bottom * fy
 
 
 def np_reference_views(rng, height, width, count, size_range=(128, 255)):

@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 
+from image_reference import np_bilinear
 from insloc_jax.data import augment_jax, pipeline, sources
 
 CANVAS = 64
@@ -87,19 +88,6 @@ def test_each_epoch_is_a_permutation_and_hosts_are_disjoint(spec):
     assert sorted(np.concatenate(hosts)) == list(range(NUM_TRAIN))
 
 
-def np_resize(image, size):
-    """Bilinear resize to size x size, half-pixel centres, edge clamp (numpy reference)."""
-    in_h, in_w = image.shape[:2]
-    ys = np.clip((np.arange(size) + 0.5) * in_h / size - 0.5, 0, in_h - 1)
-    xs = np.clip((np.arange(size) + 0.5) * in_w / size - 0.5, 0, in_w - 1)
-    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
-    y1, x1 = np.minimum(y0 + 1, in_h - 1), np.minimum(x0 + 1, in_w - 1)
-    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    img = image.astype(np.float64)
-    rows = img[y0] * (1 - fy) + img[y1] * fy
-    return rows[:, x0] * (1 - fx) + rows[:, x1] * fx
-
-
 def test_stream_backgrounds_are_other_images_of_the_group(spec):
     images = {int(e["index"]): e["image"] for e in
               sources.examples(sources.open_source(spec)).as_numpy_iterator()}
@@ -110,7 +98,7 @@ def test_stream_backgrounds_are_other_images_of_the_group(spec):
         for k, box in enumerate(batch[f"boxes{view}"].reshape(8, 4).astype(int)):
             outside = np.ones((CANVAS, CANVAS), bool)
             outside[box[1]:box[3], box[0]:box[2]] = False
-            errors = {int(i): np.abs(composites[k][outside] - np_resize(images[int(i)], CANVAS)[outside]).max()
+            errors = {int(i): np.abs(composites[k][outside] - np_bilinear(images[int(i)], CANVAS, CANVAS)[outside]).max()
                       for i in index}
             matches = [i for i, e in errors.items() if e <= 1.01]
             assert matches and index[k] not in matches, (k, errors)
