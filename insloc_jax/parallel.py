@@ -87,16 +87,6 @@ def prefetch_to_device(batches: Iterator[PyTree], size: int = 2, devices: Option
         enqueue(1)
 
 
-def global_batch_size(per_device: int) -> int:
-    """per-device batch x all devices of all processes."""
-    return per_device * jax.device_count()
-
-
-def device_rng(rng: jax.Array) -> jax.Array:
-    """Inside the per-device function: a key distinct for each device (fold in the axis index)."""
-    return jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
-
-
 def all_gather_batch(x: jnp.ndarray) -> jnp.ndarray:
     """Inside the per-device function: [B, ...] on each of D devices -> [D * B, ...] everywhere."""
     return jax.lax.all_gather(x, AXIS, tiled=True)
