@@ -100,7 +100,9 @@ def initialize_distributed(
     """Starts `jax.distributed` when several processes are requested; a no-op for one process.
 
     Arguments fall back to the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
-    `JAX_PROCESS_ID`); under SLURM with no arguments JAX discovers them itself.
+    `JAX_PROCESS_ID`); under SLURM with no arguments JAX discovers them itself. One SLURM task per node
+    drives every GPU of its node (JAX alone would give each task only the GPU numbered by its local rank,
+    which is right only for one task per GPU).
 
     Returns:
       True if a multi-process runtime was started.
@@ -115,5 +117,16 @@ def initialize_distributed(
         if num_processes not in (None, 1):
             raise ValueError("several processes need a coordinator address (--coordinator_address host:port)")
         return False
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    # An empty list (not None) keeps every local device visible and stops JAX's one-device-per-task default.
+    one_per_node = under_slurm and slurm_one_task_per_node(os.environ) and "JAX_LOCAL_DEVICE_IDS" not in os.environ
+    local_device_ids = [] if one_per_node else None
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids=local_device_ids)
     return True
+
+
+def slurm_one_task_per_node(environ) -> bool:
+    """Whether a SLURM step runs one task on every node, from `SLURM_STEP_TASKS_PER_NODE` (e.g. "1(x4)";
+    "8(x2)" or "2,1" are several tasks on a node)."""
+    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "")
+    counts = [part.split("(")[0] for part in spec.split(",") if part]
+    return bool(counts) and all(count == "1" for count in counts)

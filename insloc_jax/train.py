@@ -36,6 +36,23 @@ class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite; the message names the step range and the last good checkpoint."""
 
 
+STOP_SYNC_EVERY = 10  # multi-host: steps between agreements on a stop signal (each one waits for the devices)
+
+
+def _stop_agreed(step: int, signalled: bool) -> bool:
+    """Whether every process stops after `step`.
+
+    One process stops as soon as it is signalled. Several processes must save the same step together, but
+    SLURM or a preempting scheduler may signal them at different steps (or only one): every
+    STOP_SYNC_EVERY steps they exchange their flags and all stop if any was signalled.
+    """
+    if jax.process_count() == 1:
+        return signalled
+    if step % STOP_SYNC_EVERY:
+        return False
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(signalled, np.int32))))
+
+
 class _StopFlag:
     """Set by SIGTERM / SIGINT; the loop checks it between steps, saves and exits."""
 
@@ -171,7 +188,8 @@ def _loop(config, derived, state, step_fn, batches, checkpointer, writer, result
             result["step"] = step
             due_log = step % config.train.log_every == 0 or step == derived.total_steps
             due_save = step % config.train.checkpoint_every == 0 or step == derived.total_steps
-            stopping = stop.signal is not None or step == stop_at
+            signalled = _stop_agreed(step, stop.signal is not None)
+            stopping = signalled or step == stop_at
             if due_log or due_save or stopping:
                 scalars = {k: float(v) for k, v in parallel.unreplicate(metrics).items()}
                 _check_finite(scalars, step, last_good, checkpointer)
@@ -185,7 +203,7 @@ def _loop(config, derived, state, step_fn, batches, checkpointer, writer, result
             if probe is not None and step % config.eval.every_steps == 0:
                 log.info("step %d probes: %s", step, probe(step, parallel.unreplicate(state)))
             if stopping:
-                result["stopped_by"] = "signal" if stop.signal is not None else "stop_at"
+                result["stopped_by"] = "signal" if signalled else "stop_at"
                 return
 
 

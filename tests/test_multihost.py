@@ -37,3 +37,28 @@ def test_two_processes_of_two_devices_equal_one_process_of_four():
     assert len(single) == 3
     for a, b in zip(first, single):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+def _run_worker(script, args):
+    env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen([sys.executable, script] + [str(a) for a in args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def test_training_command_on_two_processes_stops_together_and_resumes(tmp_path):
+    """A SIGTERM reaching one process stops both at the same step with one shared checkpoint; rerunning
+    resumes from it to the end."""
+    port = _free_port()
+    worker = os.path.join(os.path.dirname(__file__), "multihost_train_worker.py")
+    procs = [_run_worker(worker, [p, 2, port, tmp_path / "data", tmp_path / "run"]) for p in range(2)]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=500)
+        lines = [line for line in out.splitlines() if line.startswith("RESULTS ")]
+        assert proc.returncode == 0 and lines, out[-3000:]
+        results.append(json.loads(lines[-1][len("RESULTS "):]))
+    assert results[0] == results[1], "both processes stop, resume and finish at the same steps"
+    stopped, finished = results[0]
+    assert stopped["step"] == 4 and stopped["stopped_by"] == "signal"
+    assert finished["step"] == 8 and finished["stopped_by"] is None
+    assert sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit()) == [4, 8]

@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Tuple, Union
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
