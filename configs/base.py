@@ -69,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 1e-4  # on every parameter
     c.optim.epochs = 200  # schedule length
     c.optim.per_epoch = True  # cosine updated per epoch (as the original) instead of per step
+    c.optim.schedule = "cosine"  # cosine (the paper) | constant (base lr throughout; for diagnosis)
     c.optim.warmup_steps = 0  # linear warm-up steps (0 = none, as the paper)
 
     c.eval = ml_collections.ConfigDict()
@@ -78,7 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.num_bank = 4096  # kNN memory-bank images from eval.train_split (0 = the whole split)
     c.eval.train_split = "train"  # kNN memory bank split
     c.eval.test_split = "test"  # held-out split ("validation" for imagenet2012)
-    c.eval.augment = True  # training pixel augmentation on the probe composites
+    c.eval.augment = False  # training pixel augmentation on the probe composites (off: see probe_data.Settings)
     c.eval.batch_size = 64  # images per forward pass
     c.eval.fit_fraction = 0.5  # share of held-out instances the box-regression probe is fitted on
 

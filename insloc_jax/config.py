@@ -123,9 +123,13 @@ def anchors(config: ml_collections.ConfigDict, image_size: int) -> np.ndarray:
 
 def make_optimizer(config: ml_collections.ConfigDict, derived: Derived):
     """(optax transformation, schedule) of the run."""
+    kind = config.optim.get("schedule", "cosine")
+    if kind not in ("cosine", "constant"):
+        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {kind!r}")
     schedule = optim.cosine_schedule(derived.peak_lr, derived.total_steps, derived.steps_per_epoch,
                                      per_epoch=config.optim.per_epoch,
                                      warmup_steps=config.optim.get("warmup_steps", 0),
-                                     hold_steps=config.contrast.get("queue_fill_steps", 0))
+                                     hold_steps=config.contrast.get("queue_fill_steps", 0),
+                                     constant=kind == "constant")
     tx = optim.sgd(schedule, config.optim.momentum, config.optim.nesterov, config.optim.weight_decay)
     return tx, schedule

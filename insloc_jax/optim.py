@@ -19,7 +19,7 @@ def scaled_learning_rate(base_lr: float, global_batch: int, base_batch: int = 25
 
 
 def cosine_schedule(peak_lr: float, total_steps: int, steps_per_epoch: int, per_epoch: bool = True,
-                    warmup_steps: int = 0, hold_steps: int = 0):
+                    warmup_steps: int = 0, hold_steps: int = 0, constant: bool = False):
     """Cosine annealing from `peak_lr` to 0 over the run (no warm-up in the paper's schedule).
 
     Args:
@@ -32,6 +32,8 @@ def cosine_schedule(peak_lr: float, total_steps: int, steps_per_epoch: int, per_
         published configs).
       hold_steps: optional first steps at learning rate 0 (the step still runs, so the queue fills with
         real keys); 0 = none (the published configs).
+      constant: hold `peak_lr` for the whole run instead of annealing (not the paper's schedule; for
+        studying learning dynamics, see BENCHMARKS.md).
 
     Returns:
       An optax schedule: step -> float32 learning rate.
@@ -45,7 +47,8 @@ def cosine_schedule(peak_lr: float, total_steps: int, steps_per_epoch: int, per_
         else:
             progress = step / max(total_steps, 1)
         ramp = jnp.minimum(1.0, (step + 1.0) / warmup_steps) if warmup_steps else 1.0
-        lr = ramp * 0.5 * peak_lr * (1.0 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
+        anneal = 1.0 if constant else 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
+        lr = ramp * peak_lr * anneal
         return jnp.where(step < hold_steps, 0.0, lr)
 
     return schedule

@@ -27,7 +27,9 @@ class Settings:
       num_test: held-out images used (0 = the whole split).
       num_bank: kNN memory-bank images from the train split (0 = the whole split).
       train_split / test_split: split names of the source (e.g. "validation" for ImageNet).
-      augment: apply the training pixel augmentation (colour, gray, blur, flip) to the composites.
+      augment: apply the training pixel augmentation (colour, gray, blur, flip) to the composites (off by
+        default: the probes ask for the same instance on new backgrounds, and colour jitter and grayscale
+        erase the colours that tell instances of one class apart, leaving every model near chance).
       batch_size: images per forward pass.
       fit_fraction: share of the held-out instances the box probe is fitted on.
     """
@@ -37,7 +39,7 @@ class Settings:
     num_bank: int = 0
     train_split: str = "train"
     test_split: str = "test"
-    augment: bool = True
+    augment: bool = False
     batch_size: int = 64
     fit_fraction: float = 0.5
 

@@ -64,3 +64,21 @@ def test_hold_steps_keep_the_learning_rate_at_zero_first():
     schedule = optim.cosine_schedule(0.1, 100, 10, per_epoch=False, hold_steps=8)
     assert [float(schedule(s)) for s in range(8)] == [0.0] * 8
     assert float(schedule(8)) == pytest.approx(0.05 * (1 + math.cos(math.pi * 8 / 100)), rel=1e-6)
+
+
+def test_constant_schedule_holds_the_peak_after_hold_and_warmup():
+    schedule = optim.cosine_schedule(0.1, 100, 10, per_epoch=False, warmup_steps=10, hold_steps=4,
+                                     constant=True)
+    assert [float(schedule(s)) for s in range(4)] == [0.0] * 4
+    assert float(schedule(4)) == pytest.approx(0.1 * 5 / 10, rel=1e-6)
+    for step in (9, 50, 99, 150):
+        assert float(schedule(step)) == pytest.approx(0.1, rel=1e-6)
+
+
+def test_unknown_schedule_is_an_error():
+    import ml_collections
+    from insloc_jax import config as config_lib
+
+    config = ml_collections.ConfigDict({"optim": {"schedule": "linear"}})
+    with pytest.raises(ValueError, match="cosine' or 'constant"):
+        config_lib.make_optimizer(config, None)
