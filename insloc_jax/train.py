@@ -8,6 +8,7 @@ checkpoint and exit cleanly, so a preempted job simply restarts with the same co
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -23,7 +24,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from insloc_jax import config as config_lib
-from insloc_jax import parallel
+from insloc_jax import parallel, workdir_lock
 from insloc_jax.checkpoint import Checkpointer
 from insloc_jax.metrics import MetricWriter
 from insloc_jax.state import TrainState, initial_state
@@ -137,8 +138,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[int
 
     Returns:
       {"step": last step, "metrics": the last logged scalars, "stopped_by": None | "signal" | "stop_at"}.
+
+    Raises:
+      workdir_lock.WorkdirBusy: another run is using the workdir (nothing is written then).
     """
     os.makedirs(workdir, exist_ok=True)
+    # Process 0 locks the workdir (before writing anything) so that a second run on it fails at once.
+    with workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train(config, workdir, stop_at)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[int]) -> Dict:
+    """`train` with the workdir held."""
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -227,7 +238,10 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax reports every file it writes at INFO
     parallel.initialize_distributed(flags.coordinator_address, flags.num_processes, flags.process_id)
-    result = train(flags.config, flags.workdir)
+    try:
+        result = train(flags.config, flags.workdir)
+    except workdir_lock.WorkdirBusy as error:
+        raise SystemExit(f"error: {error}") from None
     if jax.process_index() == 0:
         print(json.dumps(result))
 

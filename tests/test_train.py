@@ -110,3 +110,14 @@ def test_export_command_writes_each_format_and_never_clobbers(tmp_path, data_dir
     assert d2["matching_heuristics"] is True and "backbone.bottom_up.stem.conv1.weight" in d2["model"]
     assert "state_dict" in torch.load(tmp_path / "mm.pth")
     assert "layer4.1.bn2.running_var" in torch.load(tmp_path / "tv.pth")  # ResNet-18: 2 basic blocks
+
+
+def test_a_second_run_on_a_busy_workdir_fails_before_writing(tmp_path, data_dir):
+    from insloc_jax import workdir_lock
+
+    workdir = tmp_path / "busy"
+    workdir.mkdir()
+    with workdir_lock.hold(str(workdir)):
+        with pytest.raises(workdir_lock.WorkdirBusy, match="in use by another training run"):
+            train.train(_config(data_dir), str(workdir))
+    assert sorted(os.listdir(workdir)) == [workdir_lock.LOCK_NAME]
