@@ -8,6 +8,7 @@ import sys
 import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+TRAIN_WORKER = os.path.join(os.path.dirname(__file__), "multihost_train_worker.py")
 
 
 def _free_port():
@@ -16,47 +17,37 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(process, processes, port, local_devices):
+def _spawn(script, args):
+    """Starts a worker script with its own device count (XLA_FLAGS cleared), output captured."""
     env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.Popen([sys.executable, WORKER, str(process), str(processes), str(port), str(local_devices)],
+    return subprocess.Popen([sys.executable, script] + [str(a) for a in args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def _losses(proc):
-    out, _ = proc.communicate(timeout=400)
-    lines = [line for line in out.splitlines() if line.startswith("LOSSES ")]
+def _reported(proc, tag, timeout):
+    """The JSON a worker printed on its last `TAG <json>` line, after checking it exited cleanly."""
+    out, _ = proc.communicate(timeout=timeout)
+    lines = [line for line in out.splitlines() if line.startswith(tag + " ")]
     assert proc.returncode == 0 and lines, out[-3000:]
-    return json.loads(lines[-1][len("LOSSES "):])
+    return json.loads(lines[-1][len(tag) + 1:])
 
 
 def test_two_processes_of_two_devices_equal_one_process_of_four():
     port = _free_port()
-    procs = [_launch(p, 2, port, 2) for p in range(2)] + [_launch(0, 1, 0, 4)]
-    first, second, single = (_losses(p) for p in procs)
+    procs = [_spawn(WORKER, [p, 2, port, 2]) for p in range(2)] + [_spawn(WORKER, [0, 1, 0, 4])]
+    first, second, single = (_reported(p, "LOSSES", timeout=400) for p in procs)
     assert first == second, "every process reports the same (averaged) losses"
     assert len(single) == 3
     for a, b in zip(first, single):
         assert a == pytest.approx(b, rel=1e-5)
 
 
-def _run_worker(script, args):
-    env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.Popen([sys.executable, script] + [str(a) for a in args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-
-
 def test_training_command_on_two_processes_stops_together_and_resumes(tmp_path):
     """A SIGTERM reaching one process stops both at the same step with one shared checkpoint; rerunning
     resumes from it to the end."""
     port = _free_port()
-    worker = os.path.join(os.path.dirname(__file__), "multihost_train_worker.py")
-    procs = [_run_worker(worker, [p, 2, port, tmp_path / "data", tmp_path / "run"]) for p in range(2)]
-    results = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=500)
-        lines = [line for line in out.splitlines() if line.startswith("RESULTS ")]
-        assert proc.returncode == 0 and lines, out[-3000:]
-        results.append(json.loads(lines[-1][len("RESULTS "):]))
+    procs = [_spawn(TRAIN_WORKER, [p, 2, port, tmp_path / "data", tmp_path / "run"]) for p in range(2)]
+    results = [_reported(proc, "RESULTS", timeout=500) for proc in procs]
     assert results[0] == results[1], "both processes stop, resume and finish at the same steps"
     stopped, finished = results[0]
     assert stopped["step"] == 4 and stopped["stopped_by"] == "signal"
