@@ -125,7 +125,7 @@ def make_optimizer(config: ml_collections.ConfigDict, derived: Derived):
     """(optax transformation, schedule) of the run."""
     kind = config.optim.get("schedule", "cosine")
     if kind not in ("cosine", "constant"):
-        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {kind!r}")
+        raise ConfigError(f"optim.schedule must be 'cosine' or 'constant', got {kind!r}")
     schedule = optim.cosine_schedule(derived.peak_lr, derived.total_steps, derived.steps_per_epoch,
                                      per_epoch=config.optim.per_epoch,
                                      warmup_steps=config.optim.get("warmup_steps", 0),

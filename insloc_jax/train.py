@@ -25,7 +25,7 @@ import numpy as np
 
 from insloc_jax import config as config_lib
 from insloc_jax import parallel, workdir_lock
-from insloc_jax.checkpoint import Checkpointer
+from insloc_jax.checkpoint import CheckpointError, Checkpointer
 from insloc_jax.metrics import MetricWriter
 from insloc_jax.state import TrainState, initial_state
 from insloc_jax.step import compile_step, train_step
@@ -150,14 +150,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[int
 
 def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[int]) -> Dict:
     """`train` with the workdir held."""
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
     derived = config_lib.derive(config, jax.device_count(), count_examples(config))
     encoder = config_lib.make_encoder(config)
     tx, schedule = config_lib.make_optimizer(config, derived)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
     state = restore_or_create(config, derived, checkpointer)
+    # Written only once the config has proved usable with the workdir's checkpoints, so a bad config never
+    # replaces the record of the run that is there.
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
     start = int(state.step)
     per_device = functools.partial(
         train_step, encoder=encoder, tx=tx, schedule=schedule,
@@ -240,7 +242,10 @@ def main(argv):
     parallel.initialize_distributed(flags.coordinator_address, flags.num_processes, flags.process_id)
     try:
         result = train(flags.config, flags.workdir)
-    except workdir_lock.WorkdirBusy as error:
+    except (workdir_lock.WorkdirBusy, config_lib.ConfigError, CheckpointError, NonFiniteLoss,
+            FileNotFoundError) as error:
+        # Bad input, not a bug: one line saying what to do (SourceError, a missing dataset, is a
+        # FileNotFoundError whose message says how to prepare it).
         raise SystemExit(f"error: {error}") from None
     if jax.process_index() == 0:
         print(json.dumps(result))

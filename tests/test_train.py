@@ -121,3 +121,22 @@ def test_a_second_run_on_a_busy_workdir_fails_before_writing(tmp_path, data_dir)
         with pytest.raises(workdir_lock.WorkdirBusy, match="in use by another training run"):
             train.train(_config(data_dir), str(workdir))
     assert sorted(os.listdir(workdir)) == [workdir_lock.LOCK_NAME]
+
+
+def test_train_command_rejects_a_bad_config_in_one_line_and_keeps_the_run_record(tmp_path, data_dir):
+    import subprocess
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text("{}")  # the record of a run already there
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "insloc_jax.train", "--config", os.path.join(root, "configs", "tiny.py"),
+         "--workdir", str(workdir), f"--config.data.source.data_dir={data_dir}", "--config.optim.schedule=linear"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: optim.schedule must be 'cosine' or 'constant', got 'linear'")
+    assert "Traceback" not in proc.stderr
+    assert (workdir / "config.json").read_text() == "{}"
