@@ -6,6 +6,7 @@ steps per epoch and total steps, the encoder's kwargs, the step's static setting
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any, Dict
 
 import jax.numpy as jnp
@@ -22,6 +23,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and what to change."""
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a run config file (configs/*.py; they import `configs.base`, so the repository
+    root must be on the path)."""
+    spec = importlib.util.spec_from_file_location("run_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 @dataclasses.dataclass(frozen=True)

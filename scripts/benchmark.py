@@ -78,10 +78,9 @@ def load_config(path: str, overrides: list):
         shim = types.ModuleType("ml_collections")
         shim.ConfigDict = _ConfigDict
         sys.modules["ml_collections"] = shim
-    spec = importlib.util.spec_from_file_location("benchmark_run_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    from insloc_jax.config import load_config_file  # after the stand-in, which it imports
+
+    config = load_config_file(path)
     for item in overrides:
         if not item.startswith("--config.") or "=" not in item:
             raise SystemExit(f"unrecognised argument {item!r}: overrides look like --config.model.arch=c4")

@@ -10,7 +10,6 @@ WORKDIR/<method>/eval/step_<N>.json; the script then writes WORKDIR/probes.json,
 (one line per method) to the PNG and prints a markdown table of the random and final points.
 """
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -30,17 +29,9 @@ PLOTTED = (("retrieval_top1", "instance retrieval top-1"), ("knn_top1", "kNN top
            ("box_iou_after", "box probe mean IoU"))
 
 
-def load_config_file(path: str):
-    """`get_config()` of a config file (configs/*.py import `configs.base`: the repo root is on the path)."""
-    spec = importlib.util.spec_from_file_location("run_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def method_config(path: str, method: str, steps: int, eval_every: int):
     """The run config of one method: the file's config with that method's arch, data mode and box levels."""
-    config = load_config_file(path)
+    config = config_lib.load_config_file(path)
     spec = METHODS[method]
     config.model.arch = spec["arch"]
     config.data.mode = spec["mode"]
