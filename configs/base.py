@@ -93,4 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3  # newest checkpoints kept
     c.train.resume_from = ""  # a checkpoint directory to start from when the workdir has none
     c.train.export_format = ""  # torchvision | mmdet | detectron2: also export at the end; "" = no
+    # Compiled steps kept on disk, so a resumed run skips XLA's compile (3.5 min for R50-FPN on an H200):
+    # "auto" = <workdir>/compilation_cache, "" = off, else a directory (the training command only).
+    c.train.compilation_cache = "auto"
     return c

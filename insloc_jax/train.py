@@ -2,7 +2,8 @@
 
 Runs InsLoc (fpn, c4) or the MoCo-v2 baseline on every local device through `jax.pmap` (or `shard_map`),
 and across hosts through `jax.distributed`. The workdir receives the resolved config (`config.json`),
-Orbax checkpoints (`checkpoints/`), `metrics.jsonl` and TensorBoard events. A run always resumes from the
+Orbax checkpoints (`checkpoints/`), `metrics.jsonl`, TensorBoard events and, from the command, XLA's compiled
+programs (`compilation_cache/`, see `use_compilation_cache`). A run always resumes from the
 newest readable checkpoint in its workdir (else from `train.resume_from`); SIGTERM / SIGINT save a
 checkpoint and exit cleanly, so a preempted job simply restarts with the same command.
 """
@@ -234,11 +235,31 @@ def _define_flags():
     return flags.FLAGS
 
 
+def use_compilation_cache(setting: str, workdir: str) -> Optional[str]:
+    """Points JAX's persistent compilation cache at `setting` before anything compiles.
+
+    Args:
+      setting: `train.compilation_cache`: "auto" (<workdir>/compilation_cache), "" (off) or a directory.
+      workdir: the run directory.
+
+    Returns:
+      The cache directory, or None when off.
+    """
+    if not setting:
+        return None
+    path = os.path.join(workdir, "compilation_cache") if setting == "auto" else os.path.expanduser(setting)
+    # Programs that compile in under a second (JAX's default threshold) are not written: only the train
+    # step and the probes' encoders are worth keeping.
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def main(argv):
     del argv
     flags = sys.modules["absl.flags"].FLAGS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax reports every file it writes at INFO
+    use_compilation_cache(flags.config.train.compilation_cache, flags.workdir)
     parallel.initialize_distributed(flags.coordinator_address, flags.num_processes, flags.process_id)
     try:
         result = train(flags.config, flags.workdir)
