@@ -82,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.augment = False  # training pixel augmentation on the probe composites (off: see probe_data.Settings)
     c.eval.batch_size = 64  # images per forward pass
     c.eval.fit_fraction = 0.5  # share of held-out instances the box-regression probe is fitted on
+    c.eval.jitters = 4  # jittered starting boxes per composite in the box-regression probe
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch = 256  # all devices of all hosts together

@@ -10,12 +10,12 @@ Measures what the backbone of the query encoder learned (never the projection he
                    probes.knn_predict) with the train split as the memory bank and the held-out split as
                    queries, scored against the dataset's labels (skipped when the source has none).
   box_iou_before / box_iou_after / box_iou_gain
-                   each composite's true box is jittered (probes.jitter_boxes); a ridge probe maps the
-                   jittered box's RoI features to the deltas onto the true box. RoI features: the jittered
-                   box enlarged 1.5x about its centre (so true edges outside it are in view), clipped to the
-                   canvas, RoIAlign 4x4 on res4 and 2x2 on res5, flattened and concatenated; the spatial grid
-                   is kept because offsets are about where things are inside the box. Fit on the first
-                   half of the instances (both views), scored on the other half.
+                   each composite's true box is jittered eval.jitters times (probes.jitter_boxes); a ridge
+                   probe maps each jittered box's RoI features to the deltas onto the true box. RoI features:
+                   the jittered box enlarged 1.5x about its centre (so true edges outside it are in view),
+                   clipped to the canvas, RoIAlign 4x4 on res4 and 2x2 on res5, flattened and concatenated;
+                   the spatial grid is kept because offsets are about where things are inside the box. Fit on
+                   the first half of the instances (both views, every jitter), scored on the other half.
 Results go to `DIR/eval/step_<N>.json` and TensorBoard (`DIR/tensorboard`, tags `eval/<metric>`); --random
 evaluates the untrained step-0 state of the config (`create_state`) as step 0.
 """
@@ -59,8 +59,8 @@ def make_extractors(encoder: Encoder):
 
     Returns:
       (composite_features, whole_features):
-        composite_features(variables, images [B, S, S, 3], boxes [B, 4], jittered [B, 4]) ->
-          {"box": [B, C5] true-box feature, "regress": [B, 16 * C4 + 4 * C5] jittered-box grid features};
+        composite_features(variables, images [B, S, S, 3], boxes [B, 4], jittered [B, J, 4]) ->
+          {"box": [B, C5] true-box feature, "regress": [B, J, 16 * C4 + 4 * C5] jittered-box grid features};
         whole_features(variables, images [B, s, s, 3]) -> [B, C5] global-pooled res5.
     """
 
@@ -72,10 +72,12 @@ def make_extractors(encoder: Encoder):
         feats = maps(variables, images)
         scale = {k: v.shape[1] / images.shape[1] for k, v in feats.items()}  # 1 / stride
         box = roi_align(feats["res5"], boxes, None, 7, scale["res5"]).mean(axis=(1, 2))  # [B, C5]
-        window = context_boxes(jittered, images.shape[1])
-        grids = [roi_align(feats[k], window, None, size, scale[k]).reshape(len(images), -1)
+        b, j = jittered.shape[:2]
+        window = context_boxes(jittered.reshape(b * j, 4), images.shape[1])  # image-major: row r is image r // J
+        owner = jnp.repeat(jnp.arange(b), j)
+        grids = [roi_align(feats[k], window, owner, size, scale[k]).reshape(b, j, -1)
                  for k, size in REGRESSION_GRIDS]
-        return {"box": box, "regress": jnp.concatenate(grids, axis=1)}
+        return {"box": box, "regress": jnp.concatenate(grids, axis=2)}
 
     def whole_features(variables, images):
         return maps(variables, images)["res5"].mean(axis=(1, 2))  # [B, C5]
@@ -134,9 +136,14 @@ def run_probes(extractors, variables, data: ProbeData, settings: Settings) -> Di
         m = data.num_bank
         metrics["knn_top1"] = probes.knn_top1(whole[:m], data.labels[:m], whole[m:], data.labels[m:],
                                               int(data.labels.max()) + 1)
-    fit = np.broadcast_to(np.arange(n) < max(1, int(round(settings.fit_fraction * n))), (2, n))
-    metrics.update(probes.box_regression_probe(feats["regress"], views[2].astype(np.float64),
-                                               views[1].astype(np.float64), fit.reshape(-1)))
+    # One probe row per (view, instance, jitter); the fit / score split is by instance.
+    jitters = views[2].shape[1]
+    fit = np.arange(n) < max(1, int(round(settings.fit_fraction * n)))
+    rows = lambda x: np.broadcast_to(x, (2, n, jitters) + x.shape[3:]).reshape((-1,) + x.shape[3:])  # noqa: E731
+    metrics.update(probes.box_regression_probe(
+        feats["regress"].reshape(2 * n * jitters, -1), views[2].reshape(-1, 4).astype(np.float64),
+        rows(data.boxes[:, :, None].astype(np.float64)), rows(fit[None, :, None]),
+        groups=rows(np.arange(n)[None, :, None])))
     metrics["box_iou_gain"] = metrics["box_iou_after"] - metrics["box_iou_before"]
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics

@@ -32,6 +32,8 @@ class Settings:
         erase the colours that tell instances of one class apart, leaving every model near chance).
       batch_size: images per forward pass.
       fit_fraction: share of the held-out instances the box probe is fitted on.
+      jitters: jittered starting boxes per composite for the box probe (each one a row of its fit or score
+        set), so the linear probe has several times more rows than a 512-image split alone would give.
     """
 
     seed: int = 0
@@ -42,6 +44,7 @@ class Settings:
     augment: bool = False
     batch_size: int = 64
     fit_fraction: float = 0.5
+    jitters: int = 4
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "Settings":
@@ -57,7 +60,7 @@ class ProbeData:
     Attributes:
       composites: float32 [2, N, S, S, 3] normalised views of the N held-out instances.
       boxes: float32 [2, N, 4] their true boxes (xyxy, canvas pixels).
-      jittered: float32 [2, N, 4] the box probe's starting boxes.
+      jittered: float32 [2, N, J, 4] the box probe's J starting boxes per composite.
       whole: float32 [M + Q, s, s, 3] normalised whole images: M memory-bank, then Q held-out.
       labels: int64 [M + Q] their labels (-1 = unknown).
       num_bank: M.
@@ -150,7 +153,8 @@ def load_probe_data(config: ml_collections.ConfigDict, settings: Settings,
     canvas = config.data.canvas_size
     composites, boxes = make_composites(test_images, settings.seed, canvas, config.data.fg_size_range,
                                         settings.augment)
-    jittered = probes.jitter_boxes(boxes.reshape(-1, 4), settings.seed, canvas).reshape(boxes.shape)
+    starts = np.repeat(boxes.reshape(-1, 4), settings.jitters, axis=0)  # [2N * J, 4], each jittered anew
+    jittered = probes.jitter_boxes(starts, settings.seed, canvas).reshape(2, -1, settings.jitters, 4)
     return ProbeData(
         composites=composites, boxes=boxes, jittered=jittered.astype(np.float32),
         whole=whole_images(bank_images + test_images, config.data.moco_size),

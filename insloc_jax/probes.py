@@ -8,12 +8,12 @@ Three probes, each testable on constructed features without a network:
     exp(similarity / T), T = 0.07, and the class with the largest summed weight wins.
   * box regression: a linear map from the RoI features of a jittered box to the Fast R-CNN deltas
     (dx, dy, dw, dh) that move it onto the true box, fitted in closed form by ridge regression with the
-    ridge strength chosen by exact leave-one-out error on the fit set. Scored by the mean IoU of the
+    ridge strength chosen by exact leave-one-instance-out error on the fit set. Scored by the mean IoU of the
     corrected boxes with the true boxes, next to the mean IoU of the jittered boxes themselves.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -128,17 +128,21 @@ def jitter_boxes(boxes: np.ndarray, seed: int, canvas_size: int, shift: float = 
     return out
 
 
-def fit_ridge(x: np.ndarray, y: np.ndarray, grid: Sequence[float] = RIDGE_GRID) -> Dict[str, np.ndarray]:
-    """Closed-form ridge regression with an intercept, its strength chosen by leave-one-out error.
+def fit_ridge(x: np.ndarray, y: np.ndarray, grid: Sequence[float] = RIDGE_GRID,
+              groups: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """Closed-form ridge regression with an intercept, its strength chosen by held-out error.
 
     Columns of x are standardised with the fit set's mean and std. With the thin SVD x = U S V^T, every
-    strength a gives the hat matrix H = U diag(s^2 / (s^2 + a)) U^T (+ 1/n for the intercept), and the
-    exact leave-one-out residual of sample i is r_i / (1 - H_ii): the whole grid costs one SVD.
+    strength a gives the hat matrix H = U diag(s^2 / (s^2 + a)) U^T + 1/n (the intercept), and the exact
+    residual of the rows of group g predicted by the fit without g is (I - H_gg)^-1 r_g: the whole grid
+    costs one SVD. Without groups every row is its own group (leave-one-out, r_i / (1 - H_ii)); rows that
+    share an instance must share a group, or the held-out error rewards memorising instances.
 
     Args:
       x: [N, D] features.
       y: [N, T] targets.
       grid: ridge strengths as multiples of N.
+      groups: [N] group ids (e.g. the instance of each row), or None.
 
     Returns:
       {"mean": [D], "scale": [D], "weights": [D, T], "bias": [T], "alpha": scalar}; see `predict_ridge`.
@@ -155,13 +159,27 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, grid: Sequence[float] = RIDGE_GRID) 
     for alpha in np.asarray(grid) * n:
         shrink = s**2 / (s**2 + alpha)  # [r]
         residual = yc - u @ (shrink[:, None] * uty)  # [N, T]
-        leverage = np.sum(u**2 * shrink, axis=1) + 1.0 / n  # [N]
-        loo = np.mean((residual / np.maximum(1.0 - leverage, 1e-9)[:, None]) ** 2)
-        if best is None or loo < best[0]:
-            best = (loo, alpha)
+        error = np.mean(_held_out_residuals(u, shrink, residual, groups) ** 2)
+        if best is None or error < best[0]:
+            best = (error, alpha)
     alpha = best[1]
     weights = vt.T @ ((s / (s**2 + alpha))[:, None] * uty)  # [D, T]
     return {"mean": mean, "scale": scale, "weights": weights, "bias": bias, "alpha": np.float64(alpha)}
+
+
+def _held_out_residuals(u: np.ndarray, shrink: np.ndarray, residual: np.ndarray,
+                        groups: Optional[np.ndarray]) -> np.ndarray:
+    """[N, T] residuals of every row under the fit without its group (see `fit_ridge`)."""
+    n = len(u)
+    if groups is None:
+        leverage = np.sum(u**2 * shrink, axis=1) + 1.0 / n  # diag(H)
+        return residual / np.maximum(1.0 - leverage, 1e-9)[:, None]
+    held_out = np.empty_like(residual)
+    for group in np.unique(groups):
+        rows = np.flatnonzero(groups == group)
+        hat = (u[rows] * shrink) @ u[rows].T + 1.0 / n  # H_gg
+        held_out[rows] = np.linalg.solve(np.eye(len(rows)) - hat, residual[rows])
+    return held_out
 
 
 def predict_ridge(model: Dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -170,7 +188,7 @@ def predict_ridge(model: Dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
 
 
 def box_regression_probe(features: np.ndarray, jittered: np.ndarray, true_boxes: np.ndarray,
-                         fit: np.ndarray) -> Dict[str, float]:
+                         fit: np.ndarray, groups: Optional[np.ndarray] = None) -> Dict[str, float]:
     """Fits deltas jittered -> true on the `fit` rows, scores the corrected boxes on the other rows.
 
     Args:
@@ -178,13 +196,16 @@ def box_regression_probe(features: np.ndarray, jittered: np.ndarray, true_boxes:
       jittered: [N, 4] xyxy jittered boxes.
       true_boxes: [N, 4] xyxy true boxes.
       fit: [N] bool, rows used to fit (the rest are scored).
+      groups: [N] instance of each row, so the ridge strength is chosen by leaving whole instances out
+        (None: leave-one-out).
 
     Returns:
       {"box_iou_before": mean IoU of the jittered boxes, "box_iou_after": mean IoU of the corrected boxes,
        both on the scored rows, "box_ridge_alpha": the chosen ridge strength}.
     """
     fit = np.asarray(fit, bool)
-    model = fit_ridge(features[fit], box_deltas(jittered[fit], true_boxes[fit]))
+    model = fit_ridge(features[fit], box_deltas(jittered[fit], true_boxes[fit]),
+                      groups=None if groups is None else np.asarray(groups)[fit])
     score = ~fit
     corrected = apply_deltas(jittered[score], predict_ridge(model, features[score]))
     return {

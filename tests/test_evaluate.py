@@ -139,6 +139,32 @@ def test_ridge_strength_is_the_brute_force_leave_one_out_choice():
     assert probes.fit_ridge(x, y, grid)["alpha"] == pytest.approx(expected)
 
 
+def test_ridge_strength_with_groups_is_the_brute_force_leave_group_out_choice():
+    rng = np.random.default_rng(12)
+    groups = np.repeat(np.arange(12), 3)  # 12 instances, 3 correlated rows each
+    x = rng.normal(size=(12, 6))[groups] + 0.3 * rng.normal(size=(36, 6))
+    y = x @ rng.normal(size=(6, 2)) + rng.normal(size=(12, 2))[groups] + 0.5 * rng.normal(size=(36, 2))
+    xs, grid = (x - x.mean(0)) / x.std(0), (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+    def held_out_error(a):
+        """Refits ridge with an unpenalised intercept without each group and predicts that group."""
+        errors = []
+        for g in range(12):
+            keep = groups != g
+            xk, yk = xs[keep], y[keep]
+            xc = xk - xk.mean(0)
+            w = np.linalg.solve(xc.T @ xc + a * len(x) * np.eye(6), xc.T @ (yk - yk.mean(0)))
+            prediction = (xs[~keep] - xk.mean(0)) @ w + yk.mean(0)
+            errors.append(np.sum((prediction - y[~keep]) ** 2, axis=1))
+        return np.mean(np.concatenate(errors))
+
+    errors = [held_out_error(a) for a in grid]
+    expected = grid[int(np.argmin(errors))] * len(x)
+    assert probes.fit_ridge(x, y, grid, groups=groups)["alpha"] == pytest.approx(expected)
+    # Leaving single rows out would pick a weaker penalty here: the rows of one instance leak into each other.
+    assert probes.fit_ridge(x, y, grid)["alpha"] < expected
+
+
 def _probe_boxes(n, seed):
     rng = np.random.default_rng(seed)
     xy = rng.uniform(0, 30, (n, 2))
@@ -200,3 +226,25 @@ def test_evaluate_end_to_end_on_the_tiny_embedded_dataset(tmp_path):
     with open(os.path.join(workdir, "eval", "step_3.json")) as f:
         assert json.load(f) == {"step": 3, **again}
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_box_probe_features_of_several_jitters_are_each_box_alone():
+    from configs import tiny
+    from insloc_jax import config as config_lib
+    from insloc_jax import evaluate
+    from insloc_jax.models.encoder import Encoder
+
+    config = tiny.get_config()
+    size = config.data.canvas_size
+    encoder = config_lib.make_encoder(config)
+    images = np.random.default_rng(0).normal(size=(3, size, size, 3)).astype(np.float32)
+    variables = encoder.init(jax.random.PRNGKey(0), images, method=Encoder.features)
+    true = np.array([[4, 6, 40, 50], [10, 2, 60, 30], [0, 0, size, size]], np.float32)
+    jittered = np.stack([probes.jitter_boxes(true, seed, size) for seed in (1, 2)], axis=1).astype(np.float32)
+    composite_fn, _ = evaluate.make_extractors(encoder)
+    both = composite_fn(variables, images, true, jittered)["regress"]  # [3, 2, D]
+    assert both.shape[:2] == (3, 2)
+    for j in range(2):
+        alone = composite_fn(variables, images, true, jittered[:, j:j + 1])["regress"][:, 0]
+        np.testing.assert_allclose(both[:, j], alone, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(both[:, 0], both[:, 1])  # the two jitters really see different windows

@@ -123,18 +123,23 @@ def test_a_second_run_on_a_busy_workdir_fails_before_writing(tmp_path, data_dir)
     assert sorted(os.listdir(workdir)) == [workdir_lock.LOCK_NAME]
 
 
-def test_train_command_rejects_a_bad_config_in_one_line_and_keeps_the_run_record(tmp_path, data_dir):
+def _train_command(workdir, data_dir, *overrides):
+    """Runs `python -m insloc_jax.train` on the tiny config with one CPU device; returns the CompletedProcess."""
     import subprocess
 
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(
+        [sys.executable, "-m", "insloc_jax.train", "--config", os.path.join(root, "configs", "tiny.py"),
+         "--workdir", str(workdir), f"--config.data.source.data_dir={data_dir}", *overrides],
+        cwd=root, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2"))
+
+
+def test_train_command_rejects_a_bad_config_in_one_line_and_keeps_the_run_record(tmp_path, data_dir):
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text("{}")  # the record of a run already there
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-m", "insloc_jax.train", "--config", os.path.join(root, "configs", "tiny.py"),
-         "--workdir", str(workdir), f"--config.data.source.data_dir={data_dir}", "--config.optim.schedule=linear"],
-        cwd=root, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2"))
+    proc = _train_command(workdir, data_dir, "--config.optim.schedule=linear")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: optim.schedule must be 'cosine' or 'constant', got 'linear'")
@@ -156,15 +161,9 @@ def test_compilation_cache_setting_resolves_to_a_directory(monkeypatch, tmp_path
 
 def test_train_command_keeps_the_compiled_step_for_a_resumed_run(tmp_path, data_dir):
     import json
-    import subprocess
 
     workdir = tmp_path / "run"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-m", "insloc_jax.train", "--config", os.path.join(root, "configs", "tiny.py"),
-         "--workdir", str(workdir), f"--config.data.source.data_dir={data_dir}", "--config.train.total_steps=1"],
-        cwd=root, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2"))
+    proc = _train_command(workdir, data_dir, "--config.train.total_steps=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 1
     # JAX names entries <program>-<key>-cache and writes those that took over a second to compile: the

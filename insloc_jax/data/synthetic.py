@@ -1,10 +1,12 @@
 """The embedded dataset: procedurally generated, natural-looking images with class labels.
 
 Each image is a textured background (low-frequency colour fields plus fine grain) with one main object and
-one to three smaller distractors. The class decides the main object's shape, its texture family and its
-hue range; everything else (size, position, rotation, exact colours, texture frequency and phase, shading,
+one to three smaller distractors. The class decides the main object's shape and its texture family;
+everything else (hue, saturation, size, position, rotation, texture frequency and phase, shading,
 distractors, background) is drawn per instance, so two images of one class are never alike and instance
-discrimination stays non-trivial. Labels make the set usable by quality probes (kNN, retrieval).
+discrimination stays non-trivial. Colour is deliberately not a class cue: an untrained network reads an
+object's mean hue straight off its pixels, so hue-coded classes made kNN on random features score as well as
+on pretrained ones, and the training augmentation (colour jitter, grayscale) teaches invariance to it anyway. Labels make the set usable by quality probes (kNN, retrieval).
 
 It is a TFDS builder (`insloc_synthetic`) so it goes through the same tf.data path as ImageNet. It needs no
 download: `prepare(data_dir)` writes it once (a few seconds for the default sizes) and later calls reuse it.
@@ -19,6 +21,7 @@ import tensorflow_datasets as tfds
 from insloc_jax.data import shapes
 
 SPLIT_IDS = {"train": 0, "test": 1}
+DATASET_VERSION = "2.0.0"  # 2.0.0: the main object's hue is drawn per instance instead of per class
 
 
 @dataclasses.dataclass
@@ -52,13 +55,15 @@ def make_config(**kwargs) -> SyntheticConfig:
     if unknown:
         raise ValueError(f"unknown synthetic dataset options {sorted(unknown)}; expected some of {names}")
     fields = {k: int(kwargs.get(k, getattr(defaults, k))) for k in names}
-    return SyntheticConfig(name=config_name(**fields), version="1.0.0", **fields)
+    return SyntheticConfig(name=config_name(**fields), version=DATASET_VERSION, **fields)
 
 
 class InslocSynthetic(tfds.core.GeneratorBasedBuilder):
     """TFDS builder of the embedded procedural dataset (splits `train` and `test`)."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version(DATASET_VERSION)
+    RELEASE_NOTES = {"1.0.0": "Hue, shape and texture coded the class.",
+                     "2.0.0": "Shape and texture code the class; the main object's hue is drawn per instance."}
     BUILDER_CONFIGS = [make_config()]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -107,19 +112,17 @@ def generate_image(seed: int, split_id: int, index: int, size: int, num_classes:
         canvas = _draw_object(canvas, rng, xx, yy, shape=int(rng.integers(len(shapes.SHAPES))),
                               texture=int(rng.integers(len(shapes.TEXTURES))), hue=rng.random(),
                               radius=rng.uniform(0.12, 0.25))
-    shape, texture, hue = class_style(label)
-    canvas = _draw_object(canvas, rng, xx, yy, shape, texture, hue + rng.uniform(-0.04, 0.04),
-                          radius=rng.uniform(0.3, 0.6))
+    shape, texture = class_style(label)
+    canvas = _draw_object(canvas, rng, xx, yy, shape, texture, hue=rng.random(), radius=rng.uniform(0.3, 0.6))
     grain = rng.normal(0.0, 4.0, canvas.shape)
     return np.clip(canvas + grain, 0, 255).round().astype(np.uint8), label
 
 
 def class_style(label: int):
-    """The class-defining attributes: (shape id, texture id, base hue in [0, 1))."""
+    """The class-defining attributes: (shape id, texture id)."""
     shape = label % len(shapes.SHAPES)
     texture = (label // len(shapes.SHAPES) + 2 * label) % len(shapes.TEXTURES)
-    hue = (label * 0.618034) % 1.0  # golden-ratio steps keep class hues apart
-    return shape, texture, hue
+    return shape, texture
 
 
 def _draw_object(canvas, rng, xx, yy, shape, texture, hue, radius):
