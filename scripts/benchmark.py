@@ -1,7 +1,7 @@
 """Train-step benchmark: compile time, step time, samples/s, FLOPs per sample and MFU.
 
     python scripts/benchmark.py --config configs/insloc_fpn_200ep.py [--config.model.arch=c4 ...]
-        [--per_device_batch 32,64,128] [--dtype float32,bfloat16] [--steps 20] [--end_to_end]
+        [--per_device_batch 32,64,128] [--dtype float32,bfloat16] [--steps 20] [--end_to_end] [--profile DIR]
     python scripts/benchmark.py --config configs/insloc_c4_200ep.py --analytic
 
 The run is built from the config as `insloc_jax.train` builds it (config.derive for `--num_examples`
@@ -186,6 +186,21 @@ def time_steps(step, state, batch, steps: int, warmup: int):
     return state, synced, (time.perf_counter() - start) / steps, metrics
 
 
+def trace_steps(step, state, batch, directory: str, row: dict, steps: int = 2) -> str:
+    """Traces `steps` steps with jax.profiler (TensorBoard / XProf format) and archives the trace; returns its path."""
+    import shutil
+    import tempfile
+
+    name = f"{row['arch']}_{row['batch']}_{row['dtype']}"
+    with tempfile.TemporaryDirectory() as scratch:
+        with jax.profiler.trace(scratch):
+            for _ in range(steps):
+                state, metrics = step(state, batch)
+            jax.block_until_ready((state, metrics))
+        os.makedirs(directory, exist_ok=True)
+        return shutil.make_archive(os.path.join(directory, name), "gztar", scratch)
+
+
 def end_to_end(config, derived, step_fn, state, steps: int, warmup: int):
     """(samples/s per device fed by the input pipeline, samples/s per device of the pipeline alone)."""
     from insloc_jax import parallel
@@ -258,6 +273,8 @@ def run_one(config, args, batch_size: int, dtype: str, kind: str) -> dict:
         print(f"samples/s per device {row['rate']:8.1f}        back-to-back {row['b2b_rate']:.1f}")
         print(f"last loss            {float(np.asarray(metrics['loss'])[0]):8.4f}")
     print_flops(row, analytic, peak)
+    if args.profile:
+        print(f"profile              {trace_steps(compiled, state, batch, args.profile, row)}")
     if args.end_to_end:
         fed, alone = end_to_end(config, derived, step_fn, state, args.steps or 10, args.warmup)
         row.update(e2e=fed, pipeline=alone)
@@ -318,6 +335,8 @@ def parse_args(argv):
     parser.add_argument("--num_examples", type=int, default=1281167, help="dataset size for config.derive")
     parser.add_argument("--end_to_end", action="store_true", help="also time the step fed by the input pipeline")
     parser.add_argument("--analytic", action="store_true", help="print the analytic FLOP breakdown and exit")
+    parser.add_argument("--profile", default="", help="also trace 2 steps with jax.profiler into DIR, written "
+                        "as DIR/<arch>_<batch>_<dtype>.tar.gz (one file, for machines that return only files)")
     return parser.parse_known_args(argv)
 
 

@@ -7,7 +7,8 @@
 # its minimum left is listed as skipped; one still running at the deadline is stopped and its finished
 # configurations are kept). XLA compiles the R50-FPN step in about 210 s on an H200 (each batch size
 # anew), so a 10-minute budget covers the first five: the bf16 matmul ceiling | torch FPN and C4 bf16
-# eager (128) | JAX InsLoc-FPN bf16 at 128 (pixel augmentation inside the step, the training default) |
+# eager (128) | JAX InsLoc-FPN bf16 at 128 (pixel augmentation inside the step, the training default;
+# with a 2-step jax.profiler trace in profiles/fpn_128_bfloat16.tar.gz for TensorBoard / XProf) |
 # JAX InsLoc-C4 bf16 at 128 | torch FPN bf16 torch.compile (128); then JAX FPN bf16 128 with the GPU
 # autotuner off (compile time against step time) | with augmentation left to the host (as the torch
 # baseline, whose input is already augmented) | float32 | at 64 and 32 | without box augmentation | C4 at
@@ -52,7 +53,7 @@ FPN=configs/insloc_fpn_200ep.py
 C4=configs/insloc_c4_200ep.py
 run 30 $TORCH --arch fpn --dtype bfloat16 --mode eager --per_device_batch 128
 run 20 $TORCH --arch c4 --dtype bfloat16 --mode eager --per_device_batch 128
-run 240 $JAX --config $FPN --dtype bfloat16 --per_device_batch 128
+run 240 $JAX --config $FPN --dtype bfloat16 --per_device_batch 128 --profile "${OUT:-.}/profiles"
 run 200 $JAX --config $C4 --dtype bfloat16 --per_device_batch 128
 run 120 $TORCH --arch fpn --dtype bfloat16 --mode compile --per_device_batch 128
 run 120 env XLA_FLAGS=--xla_gpu_autotune_level=0 $JAX --config $FPN --dtype bfloat16 --per_device_batch 128
