@@ -73,7 +73,7 @@ def make_extractors(encoder: Encoder):
         scale = {k: v.shape[1] / images.shape[1] for k, v in feats.items()}  # 1 / stride
         box = roi_align(feats["res5"], boxes, None, 7, scale["res5"]).mean(axis=(1, 2))  # [B, C5]
         b, j = jittered.shape[:2]
-        window = context_boxes(jittered.reshape(b * j, 4), images.shape[1])  # image-major: row r is image r // J
+        window = context_boxes(jittered.reshape(b * j, 4), images.shape[1])  # row r belongs to image r // J
         owner = jnp.repeat(jnp.arange(b), j)
         grids = [roi_align(feats[k], window, owner, size, scale[k]).reshape(b, j, -1)
                  for k, size in REGRESSION_GRIDS]
@@ -136,14 +136,13 @@ def run_probes(extractors, variables, data: ProbeData, settings: Settings) -> Di
         m = data.num_bank
         metrics["knn_top1"] = probes.knn_top1(whole[:m], data.labels[:m], whole[m:], data.labels[m:],
                                               int(data.labels.max()) + 1)
-    # One probe row per (view, instance, jitter); the fit / score split is by instance.
-    jitters = views[2].shape[1]
-    fit = np.arange(n) < max(1, int(round(settings.fit_fraction * n)))
-    rows = lambda x: np.broadcast_to(x, (2, n, jitters) + x.shape[3:]).reshape((-1,) + x.shape[3:])  # noqa: E731
+    # One probe row per (view, instance, jitter), in the features' order; fitted and scored by instance.
+    jitters = data.jittered.shape[2]
+    instance = np.tile(np.repeat(np.arange(n), jitters), 2)  # [2 * N * J]
     metrics.update(probes.box_regression_probe(
-        feats["regress"].reshape(2 * n * jitters, -1), views[2].reshape(-1, 4).astype(np.float64),
-        rows(data.boxes[:, :, None].astype(np.float64)), rows(fit[None, :, None]),
-        groups=rows(np.arange(n)[None, :, None])))
+        feats["regress"].reshape(len(instance), -1), data.jittered.reshape(-1, 4).astype(np.float64),
+        np.repeat(data.boxes.reshape(-1, 4), jitters, axis=0).astype(np.float64),
+        fit=instance < max(1, int(round(settings.fit_fraction * n))), groups=instance))
     metrics["box_iou_gain"] = metrics["box_iou_after"] - metrics["box_iou_before"]
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics

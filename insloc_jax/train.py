@@ -248,8 +248,8 @@ def use_compilation_cache(setting: str, workdir: str) -> Optional[str]:
     if not setting:
         return None
     path = os.path.join(workdir, "compilation_cache") if setting == "auto" else os.path.expanduser(setting)
-    # Programs that compile in under a second (JAX's default threshold) are not written: only the train
-    # step and the probes' encoders are worth keeping.
+    # Programs that compile in under a second (JAX's default threshold) are not written, so the cache holds
+    # the few that matter: the train step, the state initialiser and the probes' feature extractors.
     jax.config.update("jax_compilation_cache_dir", path)
     return path
 

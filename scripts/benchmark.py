@@ -15,8 +15,9 @@ Printed per (batch, dtype): compile time, the median of synchronised step times 
 steps, samples/s per device, FLOPs per sample from XLA's cost analysis of the lowered step (its HLO before
 optimisation, which counts the same on every backend) and from the analytic counter (`insloc_jax.flops`), and
 MFU against the device's dense peak (bf16, or TF32 for float32, which XLA uses for float32 convolutions and
-matmuls on NVIDIA GPUs by default). `--steps 0` compiles and reports FLOPs only. `--end_to_end` then feeds the same step from the real input pipeline
-(`data/pipeline.py`, TensorFlow) and reports whether it keeps up.
+matmuls on NVIDIA GPUs by default). `--steps 0` compiles and reports FLOPs only. `--end_to_end` then feeds
+the same step from the real input pipeline (`data/pipeline.py`, TensorFlow) and reports whether it keeps up.
+`--profile DIR` also traces two steps for TensorBoard / XProf.
 """
 from __future__ import annotations
 

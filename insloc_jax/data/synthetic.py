@@ -6,7 +6,8 @@ everything else (hue, saturation, size, position, rotation, texture frequency an
 distractors, background) is drawn per instance, so two images of one class are never alike and instance
 discrimination stays non-trivial. Colour is deliberately not a class cue: an untrained network reads an
 object's mean hue straight off its pixels, so hue-coded classes made kNN on random features score as well as
-on pretrained ones, and the training augmentation (colour jitter, grayscale) teaches invariance to it anyway. Labels make the set usable by quality probes (kNN, retrieval).
+on pretrained ones, and the training augmentation (colour jitter, grayscale) teaches invariance to it anyway.
+Labels make the set usable by quality probes (kNN, retrieval).
 
 It is a TFDS builder (`insloc_synthetic`) so it goes through the same tf.data path as ImageNet. It needs no
 download: `prepare(data_dir)` writes it once (a few seconds for the default sizes) and later calls reuse it.
