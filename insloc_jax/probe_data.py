@@ -46,6 +46,11 @@ class Settings:
     fit_fraction: float = 0.5
     jitters: int = 4
 
+    def __post_init__(self):
+        if self.jitters < 1:
+            raise config_lib.ConfigError(f"eval.jitters={self.jitters}: the box probe needs at least 1 jittered "
+                                         "box per composite")
+
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "Settings":
         section = config.get("eval") or {}

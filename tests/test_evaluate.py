@@ -248,3 +248,12 @@ def test_box_probe_features_of_several_jitters_are_each_box_alone():
         alone = composite_fn(variables, images, true, jittered[:, j:j + 1])["regress"][:, 0]
         np.testing.assert_allclose(both[:, j], alone, rtol=1e-5, atol=1e-6)
     assert not np.allclose(both[:, 0], both[:, 1])  # the two jitters really see different windows
+
+
+def test_probe_settings_reject_zero_jitters():
+    from insloc_jax import config as config_lib
+    from insloc_jax.probe_data import Settings
+
+    with pytest.raises(config_lib.ConfigError, match="eval.jitters=0"):
+        Settings(jitters=0)
+    assert Settings(jitters=1).jitters == 1
