@@ -16,6 +16,10 @@ Measures what the backbone of the query encoder learned (never the projection he
                    clipped to the canvas, RoIAlign 4x4 on res4 and 2x2 on res5, flattened and concatenated;
                    the spatial grid is kept because offsets are about where things are inside the box. Fit on
                    the first half of the instances (both views, every jitter), scored on the other half.
+  box_iou_geometry the same probe fitted on the jittered box's own coordinates (probes.box_geometry): the
+                   layout prior alone (true boxes are large on a small canvas, and a jittered box clipped at
+                   the canvas edge says where the true edge is). Features show localisation information only
+                   where box_iou_after exceeds it.
 Results go to `DIR/eval/step_<N>.json` and TensorBoard (`DIR/tensorboard`, tags `eval/<metric>`); --random
 evaluates the untrained step-0 state of the config (`create_state`) as step 0.
 """
@@ -122,7 +126,7 @@ def run_probes(extractors, variables, data: ProbeData, settings: Settings) -> Di
 
     Returns:
       {"retrieval_top1", "retrieval_chance", "knn_top1" (sources with labels), "box_iou_before",
-       "box_iou_after", "box_iou_gain", "box_ridge_alpha", "eval_seconds"}: floats.
+       "box_iou_after", "box_iou_gain", "box_ridge_alpha", "box_iou_geometry", "eval_seconds"}: floats.
     """
     start = time.perf_counter()
     composite_fn, whole_fn = extractors
@@ -139,11 +143,16 @@ def run_probes(extractors, variables, data: ProbeData, settings: Settings) -> Di
     # One probe row per (view, instance, jitter), in the features' order; fitted and scored by instance.
     jitters = data.jittered.shape[2]
     instance = np.tile(np.repeat(np.arange(n), jitters), 2)  # [2 * N * J]
-    metrics.update(probes.box_regression_probe(
-        feats["regress"].reshape(len(instance), -1), data.jittered.reshape(-1, 4).astype(np.float64),
-        np.repeat(data.boxes.reshape(-1, 4), jitters, axis=0).astype(np.float64),
-        fit=instance < max(1, int(round(settings.fit_fraction * n))), groups=instance))
+    jittered = data.jittered.reshape(-1, 4).astype(np.float64)
+    true = np.repeat(data.boxes.reshape(-1, 4), jitters, axis=0).astype(np.float64)
+    fit = instance < max(1, int(round(settings.fit_fraction * n)))
+    metrics.update(probes.box_regression_probe(feats["regress"].reshape(len(instance), -1), jittered, true,
+                                               fit=fit, groups=instance))
     metrics["box_iou_gain"] = metrics["box_iou_after"] - metrics["box_iou_before"]
+    # The same probe on the jittered box's coordinates alone: what the layout prior gives without the image.
+    layout = probes.box_regression_probe(probes.box_geometry(jittered, data.composites.shape[2]), jittered,
+                                         true, fit=fit, groups=instance)
+    metrics["box_iou_geometry"] = layout["box_iou_after"]
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics
 

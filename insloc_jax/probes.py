@@ -9,7 +9,8 @@ Three probes, each testable on constructed features without a network:
   * box regression: a linear map from the RoI features of a jittered box to the Fast R-CNN deltas
     (dx, dy, dw, dh) that move it onto the true box, fitted in closed form by ridge regression with the
     ridge strength chosen by exact leave-one-instance-out error on the fit set. Scored by the mean IoU of the
-    corrected boxes with the true boxes, next to the mean IoU of the jittered boxes themselves.
+    corrected boxes with the true boxes, next to the mean IoU of the jittered boxes themselves and of the
+    same probe fitted on the jittered box's own coordinates (`box_geometry`), the bar features must clear.
 """
 from __future__ import annotations
 
@@ -126,6 +127,16 @@ def jitter_boxes(boxes: np.ndarray, seed: int, canvas_size: int, shift: float = 
     out[:, :2] = np.minimum(out[:, :2], canvas_size - 2.0)
     out[:, 2:] = np.maximum(out[:, 2:], out[:, :2] + 2.0)
     return out
+
+
+def box_geometry(boxes: np.ndarray, canvas_size: int) -> np.ndarray:
+    """Where a box is, as probe features: [N, 4] xyxy -> [N, 6] (x1, y1, x2, y2, w, h) / canvas_size.
+
+    The box probe's baseline: a ridge fit on these alone uses only the layout prior (where true boxes tend to
+    be given where the jittered box is, e.g. clipped at the canvas edge), never what the image shows.
+    """
+    boxes = np.asarray(boxes, np.float64)
+    return np.concatenate([boxes, boxes[:, 2:] - boxes[:, :2]], axis=1) / float(canvas_size)
 
 
 def fit_ridge(x: np.ndarray, y: np.ndarray, grid: Sequence[float] = RIDGE_GRID,

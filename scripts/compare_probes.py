@@ -66,7 +66,7 @@ def run_method(config, workdir: str, data, settings) -> dict:
 
 
 def plot(results: dict, path: str) -> None:
-    """Probe metric vs step, one line per method, with retrieval chance and the jittered-box baseline."""
+    """Probe metric vs step, one line per method, with retrieval chance and the box probe's two baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,6 +83,8 @@ def plot(results: dict, path: str) -> None:
             ax.axhline(first["retrieval_chance"], color="gray", linestyle=":", label="chance")
         if key == "box_iou_after":
             ax.axhline(first["box_iou_before"], color="gray", linestyle="--", label="jittered box")
+            if "box_iou_geometry" in first:  # the same probe on box coordinates alone
+                ax.axhline(first["box_iou_geometry"], color="black", linestyle="-.", label="box coordinates only")
         ax.set_title(title)
         ax.set_xlabel("pretraining step")
         ax.grid(alpha=0.3)
@@ -94,8 +96,9 @@ def plot(results: dict, path: str) -> None:
 
 def table(results: dict) -> str:
     """Markdown: one row per method at random init and at its last step."""
-    head = ["model", "step", "retrieval top-1", "kNN top-1", "box IoU before", "box IoU after"]
-    keys = ("retrieval_top1", "knn_top1", "box_iou_before", "box_iou_after")
+    head = ["model", "step", "retrieval top-1", "kNN top-1", "box IoU before", "box IoU after",
+            "box IoU, coordinates only"]
+    keys = ("retrieval_top1", "knn_top1", "box_iou_before", "box_iou_after", "box_iou_geometry")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, points in results.items():
         for step, name in ((0, "random init"), (max(points), "pretrained")):

@@ -193,6 +193,24 @@ def test_box_probe_on_noise_features_does_not_beat_the_jittered_boxes():
     assert result["box_iou_after"] < result["box_iou_before"] + 0.02
 
 
+def test_box_geometry_by_hand():
+    geometry = probes.box_geometry(np.array([[10.0, 20.0, 50.0, 80.0]]), 100)
+    np.testing.assert_allclose(geometry, [[0.1, 0.2, 0.5, 0.8, 0.4, 0.6]])
+
+
+def test_box_geometry_probe_learns_a_layout_prior_and_nothing_else():
+    # Every true box is the same: where the jittered box is says where the true box is, with no image.
+    true = np.tile([[20.0, 30.0, 70.0, 90.0]], (400, 1))
+    jittered = probes.jitter_boxes(true, 12, 100)
+    fit = np.arange(400) < 200
+    layout = probes.box_regression_probe(probes.box_geometry(jittered, 100), jittered, true, fit)
+    assert layout["box_iou_after"] > layout["box_iou_before"] + 0.25
+    # Boxes placed independently of each other leave the layout prior next to nothing to learn.
+    scattered, jittered = _probe_boxes(400, 13)
+    layout = probes.box_regression_probe(probes.box_geometry(jittered, 64), jittered, scattered, fit)
+    assert layout["box_iou_after"] < layout["box_iou_before"] + 0.05
+
+
 def test_evaluate_end_to_end_on_the_tiny_embedded_dataset(tmp_path):
     from configs import tiny
     from insloc_jax import config as config_lib
@@ -207,11 +225,11 @@ def test_evaluate_end_to_end_on_the_tiny_embedded_dataset(tmp_path):
         jax.random.PRNGKey(0), images, method=Encoder.features))()
     metrics = evaluate.evaluate(config, variables)
     expected = {"retrieval_top1", "retrieval_chance", "knn_top1", "box_iou_before", "box_iou_after",
-                "box_iou_gain", "box_ridge_alpha", "eval_seconds"}
+                "box_iou_gain", "box_ridge_alpha", "box_iou_geometry", "eval_seconds"}
     assert set(metrics) == expected
     num_test = config.data.source.num_test
     assert metrics["retrieval_chance"] == pytest.approx(1.0 / num_test)
-    for name in ("retrieval_top1", "knn_top1", "box_iou_before", "box_iou_after"):
+    for name in ("retrieval_top1", "knn_top1", "box_iou_before", "box_iou_after", "box_iou_geometry"):
         assert 0.0 <= metrics[name] <= 1.0, name
     # Accuracies are multiples of 1 / (number of queries).
     assert metrics["retrieval_top1"] * num_test == pytest.approx(round(metrics["retrieval_top1"] * num_test))
