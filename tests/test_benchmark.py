@@ -1,25 +1,16 @@
 """The train-step benchmark script runs end to end on the tiny config (it is what a GPU session runs first)."""
-import importlib.util
 import os
 import tarfile
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", os.path.join(ROOT, "scripts", "benchmark.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_loader import ROOT, load_script
 
 
 def test_benchmark_times_counts_flops_and_archives_a_profile(tmp_path, capsys):
     from configs import tiny
     from insloc_jax import flops
 
-    bench = _load_script()
+    bench = load_script("benchmark")
     bench.main(["--config", os.path.join(ROOT, "configs", "tiny.py"), "--per_device_batch", "2", "--steps", "2",
                 "--warmup", "1", "--profile", str(tmp_path)])
     out = capsys.readouterr().out

@@ -1,15 +1,5 @@
 """The probe-comparison script's table and plot, on constructed results (its training is train.train's)."""
-import importlib.util
-import os
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("compare_probes", os.path.join(ROOT, "scripts", "compare_probes.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_loader import load_script
 
 
 def _point(retrieval, knn, after):
@@ -18,7 +8,7 @@ def _point(retrieval, knn, after):
 
 
 def test_table_has_the_random_and_last_point_of_every_method_and_the_plot_is_written(tmp_path):
-    script = _load_script()
+    script = load_script("compare_probes")
     results = {"insloc_fpn": {0: _point(0.02, 0.131, 0.662), 300: _point(0.05, 0.14, 0.65),
                               900: _point(0.064, 0.143, 0.658)},
                "mocov2": {0: _point(0.02, 0.131, 0.662), 900: {"retrieval_top1": 0.027}}}
