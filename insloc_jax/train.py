@@ -209,13 +209,15 @@ def _loop(config, derived, state, step_fn, batches, checkpointer, writer, result
                 _check_finite(scalars, step, last_good, checkpointer)
                 last_good = step
                 result["metrics"] = writer.write(step, scalars) if due_log else scalars
+            due_probe = probe is not None and step % config.eval.every_steps == 0
+            # One device-to-host copy serves both the checkpoint and the probes.
+            host_state = parallel.unreplicate(state) if due_save or stopping or due_probe else None
             if due_save or stopping:
-                host_state = parallel.unreplicate(state)
                 if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host_state.params)):
                     _check_finite({"params": math.nan}, step, step - 1, checkpointer)
                 checkpointer.save(step, host_state)
-            if probe is not None and step % config.eval.every_steps == 0:
-                log.info("step %d probes: %s", step, probe(step, parallel.unreplicate(state)))
+            if due_probe:
+                log.info("step %d probes: %s", step, probe(step, host_state))
             if stopping:
                 result["stopped_by"] = "signal" if signalled else "stop_at"
                 return

@@ -3,6 +3,7 @@
 Runs share one config where they can, so the persistent compilation cache (conftest.py) compiles the tiny
 train step once for all of them.
 """
+import json
 import os
 import signal
 import sys
@@ -89,6 +90,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     assert saved and f"checkpoint is step {saved[-1]}" in str(info.value)
     variables, _ = _restore(str(tmp_path))
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
+
+
+def test_periodic_probes_during_training_equal_the_probes_of_the_saved_checkpoint(tmp_path, data_dir):
+    from insloc_jax import evaluate
+
+    config = _config(data_dir)
+    config.eval.every_steps = 2
+    workdir = str(tmp_path / "run")
+    train.train(config, workdir, stop_at=2)
+    with open(os.path.join(workdir, "eval", "step_2.json")) as f:
+        during = json.load(f)
+    variables, step = _restore(workdir, 2)
+    after = evaluate.evaluate(config, variables)
+    assert during["step"] == step == 2
+    assert {k: v for k, v in during.items() if k not in ("step", "eval_seconds")} == pytest.approx(
+        {k: v for k, v in after.items() if k != "eval_seconds"})
 
 
 def test_export_command_writes_each_format_and_never_clobbers(tmp_path, data_dir):
