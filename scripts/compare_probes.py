@@ -77,7 +77,8 @@ def plot(results: dict, path: str) -> None:
         for method, points in results.items():
             steps = sorted(points)
             if all(key in points[s] for s in steps):
-                ax.plot(steps, [points[s][key] for s in steps], marker="o", label=METHODS[method]["label"])
+                ax.plot(steps, [points[s][key] for s in steps], marker="o", label=METHODS[method]["label"],
+                        color=f"C{list(METHODS).index(method)}")  # one colour per method in every plot
         first = next(iter(results.values()))[0]
         if key == "retrieval_top1":
             ax.axhline(first["retrieval_chance"], color="gray", linestyle=":", label="chance")
