@@ -24,6 +24,7 @@ from insloc_jax import probe_data, probes  # noqa: E402
 
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
+EVAL_BATCH = 256  # images per evaluation forward pass
 
 
 def make_functions(config, num_classes: int, lr: float):
@@ -86,12 +87,6 @@ def make_functions(config, num_classes: int, lr: float):
     return init, step, features_and_logits
 
 
-def _in_chunks(fn, state, images: np.ndarray, size: int = 256):
-    """fn(state, chunk) -> (features, logits) over the rows of images, as numpy."""
-    outs = [fn(state, images[s:s + size]) for s in range(0, len(images), size)]
-    return tuple(np.concatenate([np.asarray(o[i]) for o in outs]) for i in range(2))
-
-
 def train_supervised(config, train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
                      test_labels: np.ndarray, steps: int, eval_every: int, lr: float,
                      seed: int = 0) -> List[Dict[str, float]]:
@@ -105,6 +100,8 @@ def train_supervised(config, train_images: np.ndarray, train_labels: np.ndarray,
       lr: constant learning rate.
       seed: batch sampling and flip seed.
     """
+    from insloc_jax.evaluate import batched
+
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     init, step, features_and_logits = make_functions(config, num_classes, lr)
     state = init()
@@ -117,8 +114,8 @@ def train_supervised(config, train_images: np.ndarray, train_labels: np.ndarray,
         images = np.where(flip[:, None, None, None], train_images[index, :, ::-1], train_images[index])
         state, loss = step(state, images, train_labels[index])
         if i % eval_every == 0 or i == steps:
-            bank, _ = _in_chunks(features_and_logits, state, train_images)
-            queries, logits = _in_chunks(features_and_logits, state, test_images)
+            bank, _ = batched(features_and_logits, state, [train_images], EVAL_BATCH)
+            queries, logits = batched(features_and_logits, state, [test_images], EVAL_BATCH)
             rows.append({"step": i, "loss": float(loss),
                          "test_top1": float(np.mean(np.argmax(logits, axis=1) == test_labels)),
                          "knn_top1": probes.knn_top1(bank, train_labels, queries, test_labels, num_classes)})
