@@ -115,8 +115,8 @@ def _flat_views(x: np.ndarray) -> np.ndarray:
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def run_probes(extractors, variables, data: ProbeData, settings: Settings) -> Dict[str, float]:
-    """The three probes on prepared data.
+def score_probes(extractors, variables, data: ProbeData, settings: Settings):
+    """The three probes on prepared data, as summary metrics and as per-item scores.
 
     Args:
       extractors: `make_extractors(encoder)` of the variables' encoder.
@@ -125,8 +125,13 @@ def run_probes(extractors, variables, data: ProbeData, settings: Settings) -> Di
       settings: probe settings (batch size, fit fraction).
 
     Returns:
-      {"retrieval_top1", "retrieval_chance", "knn_top1" (sources with labels), "box_iou_before",
-       "box_iou_after", "box_iou_gain", "box_ridge_alpha", "box_iou_geometry", "eval_seconds"}: floats.
+      (metrics, items). metrics: {"retrieval_top1", "retrieval_chance", "knn_top1" (sources with labels),
+      "box_iou_before", "box_iou_after", "box_iou_gain", "box_ridge_alpha", "box_iou_geometry",
+      "eval_seconds"}: floats. items: the per-item scores the averaged metrics are means of, for paired
+      comparisons of two models on the same data (`probes.paired_difference`): "retrieval_top1" [N] 0/1 per
+      view-1 query, "knn_top1" [Q] 0/1 per held-out image, "box_iou_before" / "box_iou_after" /
+      "box_iou_geometry" [N_s] mean IoU per scored instance (its 2 views x J jitters, so the rows of one
+      instance count once).
     """
     start = time.perf_counter()
     composite_fn, whole_fn = extractors
@@ -134,31 +139,41 @@ def run_probes(extractors, variables, data: ProbeData, settings: Settings) -> Di
     views = [_flat_views(x) for x in (data.composites, data.boxes, data.jittered)]  # [2N, ...] each
     feats = batched(composite_fn, variables, views, settings.batch_size)
     box = feats["box"].reshape(2, n, -1)
-    metrics = {"retrieval_top1": probes.retrieval_top1(box[0], box[1]), "retrieval_chance": 1.0 / n}
+    items = {"retrieval_top1": probes.retrieval_hits(box[0], box[1]).astype(np.float64)}
     if np.all(data.labels >= 0):
         whole = batched(whole_fn, variables, [data.whole], settings.batch_size)
         m = data.num_bank
-        metrics["knn_top1"] = probes.knn_top1(whole[:m], data.labels[:m], whole[m:], data.labels[m:],
-                                              int(data.labels.max()) + 1)
+        predicted = probes.knn_predict(whole[:m], data.labels[:m], whole[m:], int(data.labels.max()) + 1)
+        items["knn_top1"] = (predicted == data.labels[m:]).astype(np.float64)
     # One probe row per (view, instance, jitter), in the features' order; fitted and scored by instance.
     jitters = data.jittered.shape[2]
     instance = np.tile(np.repeat(np.arange(n), jitters), 2)  # [2 * N * J]
     jittered = data.jittered.reshape(-1, 4).astype(np.float64)
     true = np.repeat(data.boxes.reshape(-1, 4), jitters, axis=0).astype(np.float64)
     fit = instance < max(1, int(round(settings.fit_fraction * n)))
-    metrics.update(probes.box_regression_probe(feats["regress"].reshape(len(instance), -1), jittered, true,
-                                               fit=fit, groups=instance))
-    metrics["box_iou_gain"] = metrics["box_iou_after"] - metrics["box_iou_before"]
+    before, after, alpha = probes.box_regression_ious(feats["regress"].reshape(len(instance), -1), jittered,
+                                                      true, fit=fit, groups=instance)
     # The same probe on the jittered box's coordinates alone: what the layout prior gives without the image.
-    layout = probes.box_regression_probe(probes.box_geometry(jittered, data.composites.shape[2]), jittered,
-                                         true, fit=fit, groups=instance)
-    metrics["box_iou_geometry"] = layout["box_iou_after"]
+    _, layout, _ = probes.box_regression_ious(probes.box_geometry(jittered, data.composites.shape[2]),
+                                              jittered, true, fit=fit, groups=instance)
+    for name, ious in (("box_iou_before", before), ("box_iou_after", after), ("box_iou_geometry", layout)):
+        items[name] = probes.group_means(ious, instance[~fit])
+    # Every scored instance has the same number of rows, so these equal the means over rows.
+    metrics = {name: float(np.mean(scores)) for name, scores in items.items()}
+    metrics["retrieval_chance"] = 1.0 / n
+    metrics["box_iou_gain"] = metrics["box_iou_after"] - metrics["box_iou_before"]
+    metrics["box_ridge_alpha"] = alpha
     metrics["eval_seconds"] = time.perf_counter() - start
-    return metrics
+    return metrics, items
+
+
+def run_probes(extractors, variables, data: ProbeData, settings: Settings) -> Dict[str, float]:
+    """The summary metrics of `score_probes`."""
+    return score_probes(extractors, variables, data, settings)[0]
 
 
 def evaluate(config: ml_collections.ConfigDict, variables, source: Optional[Dict[str, Any]] = None,
-             settings: Optional[Settings] = None) -> Dict[str, float]:
+             settings: Optional[Settings] = None):
     """Runs every probe on the query encoder `variables` ({"params", "batch_stats"}) of `config`.
 
     Args:
@@ -168,11 +183,11 @@ def evaluate(config: ml_collections.ConfigDict, variables, source: Optional[Dict
       settings: probe settings (default: `Settings.from_config(config)`).
 
     Returns:
-      {metric name: float}, see the module docstring.
+      (metrics {name: float}, per-item scores {name: array}), see `score_probes`.
     """
     settings = settings or Settings.from_config(config)
     data = load_probe_data(config, settings, source)
-    return run_probes(make_extractors(config_lib.make_encoder(config)), variables, data, settings)
+    return score_probes(make_extractors(config_lib.make_encoder(config)), variables, data, settings)
 
 
 def random_variables(config: ml_collections.ConfigDict) -> Dict[str, Any]:
@@ -180,14 +195,21 @@ def random_variables(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     return query_variables(initial_state(config))
 
 
-def write_results(workdir: str, step: int, metrics: Dict[str, float]) -> str:
-    """Writes `workdir/eval/step_<step>.json` and TensorBoard scalars `eval/<name>`; returns the JSON path."""
+def write_results(workdir: str, step: int, metrics: Dict[str, float],
+                  items: Optional[Dict[str, np.ndarray]] = None) -> str:
+    """Writes `workdir/eval/step_<step>.json` and TensorBoard scalars `eval/<name>`; returns the JSON path.
+
+    `items` (per-item scores of `score_probes`), when given, go to `workdir/eval/step_<step>.npz` so that
+    later comparisons can pair this step with another on the same held-out items.
+    """
     from tensorboardX import SummaryWriter
 
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     path = os.path.join(workdir, "eval", f"step_{step}.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"step": step, **metrics}, f, indent=2)
+    if items is not None:
+        np.savez(os.path.join(workdir, "eval", f"step_{step}.npz"), **items)
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     for name, value in metrics.items():
         writer.add_scalar(f"eval/{name}", value, step)
@@ -211,8 +233,8 @@ def make_periodic_evaluator(config: ml_collections.ConfigDict, workdir: str):
     extractors = make_extractors(config_lib.make_encoder(config))
 
     def evaluate_at(step: int, variables) -> Dict[str, float]:
-        metrics = run_probes(extractors, variables, data, settings)
-        write_results(workdir, int(step), metrics)
+        metrics, items = score_probes(extractors, variables, data, settings)
+        write_results(workdir, int(step), metrics, items)
         return metrics
 
     return evaluate_at
@@ -242,11 +264,11 @@ def main(argv):
             variables, step = random_variables(config), 0
         else:
             variables, _, step = load_query_variables(flags.workdir, flags.step, config)
-        metrics = evaluate(config, variables)
+        metrics, items = evaluate(config, variables)
     except (FileNotFoundError, CheckpointError, config_lib.ConfigError) as error:
         # SourceError (a missing dataset) is a FileNotFoundError too; its message says how to prepare it.
         raise SystemExit(f"error: {error}") from None
-    path = write_results(flags.workdir, step, metrics)
+    path = write_results(flags.workdir, step, metrics, items)
     print(json.dumps({"step": step, "written": path, **metrics}))
 
 

@@ -30,18 +30,23 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def retrieval_top1(queries: np.ndarray, keys: np.ndarray) -> float:
-    """Fraction of queries whose most cosine-similar key is their own (query i belongs with key i).
+def retrieval_hits(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Whether each query's most cosine-similar key is its own (query i belongs with key i).
 
     Args:
       queries: [N, D] view-1 features.
       keys: [N, D] view-2 features of the same N instances, in the same order.
 
     Returns:
-      Top-1 accuracy in [0, 1]; chance is 1 / N.
+      [N] bool; its mean is the top-1 accuracy (chance 1 / N).
     """
     sims = l2_normalize(queries) @ l2_normalize(keys).T  # [N, N]
-    return float(np.mean(np.argmax(sims, axis=1) == np.arange(len(queries))))
+    return np.argmax(sims, axis=1) == np.arange(len(queries))
+
+
+def retrieval_top1(queries: np.ndarray, keys: np.ndarray) -> float:
+    """Top-1 retrieval accuracy in [0, 1] (see `retrieval_hits`)."""
+    return float(np.mean(retrieval_hits(queries, keys)))
 
 
 def knn_predict(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, num_classes: int,
@@ -198,9 +203,9 @@ def predict_ridge(model: Dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     return ((np.asarray(x, np.float64) - model["mean"]) / model["scale"]) @ model["weights"] + model["bias"]
 
 
-def box_regression_probe(features: np.ndarray, jittered: np.ndarray, true_boxes: np.ndarray,
-                         fit: np.ndarray, groups: Optional[np.ndarray] = None) -> Dict[str, float]:
-    """Fits deltas jittered -> true on the `fit` rows, scores the corrected boxes on the other rows.
+def box_regression_ious(features: np.ndarray, jittered: np.ndarray, true_boxes: np.ndarray,
+                        fit: np.ndarray, groups: Optional[np.ndarray] = None):
+    """Fits deltas jittered -> true on the `fit` rows and corrects the other (scored) rows.
 
     Args:
       features: [N, D] RoI features of the jittered boxes.
@@ -211,16 +216,50 @@ def box_regression_probe(features: np.ndarray, jittered: np.ndarray, true_boxes:
         (None: leave-one-out).
 
     Returns:
-      {"box_iou_before": mean IoU of the jittered boxes, "box_iou_after": mean IoU of the corrected boxes,
-       both on the scored rows, "box_ridge_alpha": the chosen ridge strength}.
+      (IoU of the jittered boxes [S], IoU of the corrected boxes [S], the chosen ridge strength), S = the
+      scored rows in their original order.
     """
     fit = np.asarray(fit, bool)
     model = fit_ridge(features[fit], box_deltas(jittered[fit], true_boxes[fit]),
                       groups=None if groups is None else np.asarray(groups)[fit])
     score = ~fit
     corrected = apply_deltas(jittered[score], predict_ridge(model, features[score]))
-    return {
-        "box_iou_before": float(np.mean(paired_iou(jittered[score], true_boxes[score]))),
-        "box_iou_after": float(np.mean(paired_iou(corrected, true_boxes[score]))),
-        "box_ridge_alpha": float(model["alpha"]),
-    }
+    return (paired_iou(jittered[score], true_boxes[score]), paired_iou(corrected, true_boxes[score]),
+            float(model["alpha"]))
+
+
+def box_regression_probe(features: np.ndarray, jittered: np.ndarray, true_boxes: np.ndarray,
+                         fit: np.ndarray, groups: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """`box_regression_ious` averaged: {"box_iou_before", "box_iou_after" (means over the scored rows),
+    "box_ridge_alpha"}."""
+    before, after, alpha = box_regression_ious(features, jittered, true_boxes, fit, groups)
+    return {"box_iou_before": float(np.mean(before)), "box_iou_after": float(np.mean(after)),
+            "box_ridge_alpha": alpha}
+
+
+def group_means(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """[N] values, [N] int group ids -> [G] mean per group, in increasing group id (G = distinct ids)."""
+    ids, index = np.unique(np.asarray(groups), return_inverse=True)
+    return np.bincount(index, weights=np.asarray(values, np.float64)) / np.bincount(index)
+
+
+def paired_difference(baseline: np.ndarray, other: np.ndarray):
+    """Mean of other - baseline over matched items, and its standard error.
+
+    The two score the same items (the same held-out queries or instances), so the difference is taken per
+    item first: what the items have in common (an easy query, a hard instance) cancels, and the standard
+    error is that of the per-item differences, std(d, ddof=1) / sqrt(n).
+
+    Args:
+      baseline: [n] per-item scores (e.g. 0/1 hits of the untrained model).
+      other: [n] the same items' scores under another model.
+
+    Returns:
+      (mean difference, standard error); the error is nan for fewer than 2 items.
+    """
+    a, b = np.asarray(baseline, np.float64), np.asarray(other, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired scores must be two equally long vectors, got {a.shape} and {b.shape}")
+    d = b - a
+    se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return float(np.mean(d)), se

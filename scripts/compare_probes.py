@@ -6,8 +6,11 @@
 Each method trains from the same config with its own overrides (as configs/insloc_c4_200ep.py and
 configs/mocov2_200ep.py do) in WORKDIR/<method>, keeping a checkpoint every `eval_every` steps; rerunning
 resumes. Step 0 of every curve is that method's untrained initialisation. Every evaluated point is written to
-WORKDIR/<method>/eval/step_<N>.json; the script then writes WORKDIR/probes.json, draws probe metric vs step
-(one line per method) to the PNG and prints a markdown table of the random and final points.
+WORKDIR/<method>/eval/step_<N>.json (per-item scores in step_<N>.npz); the script then writes
+WORKDIR/probes.json, draws probe metric vs step (one line per method) to the PNG and prints a markdown table
+of the random and final points. Every pretrained point also carries its paired difference from random init
+on the same held-out items and that difference's standard error (`<metric>_vs_random`, `..._se`), so a
+margin can be read against its noise.
 """
 import argparse
 import json
@@ -17,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from insloc_jax import config as config_lib  # noqa: E402
-from insloc_jax import evaluate, probe_data  # noqa: E402
+from insloc_jax import evaluate, probe_data, probes  # noqa: E402
 from insloc_jax.state import load_query_variables  # noqa: E402
 
 METHODS = {
@@ -25,6 +28,7 @@ METHODS = {
     "insloc_c4": dict(arch="c4", mode="insloc", levels=(0,), nesterov=True, label="InsLoc-C4"),
     "mocov2": dict(arch="moco", mode="moco", levels=(), nesterov=False, label="MoCo-v2"),
 }
+COMPARED = ("retrieval_top1", "knn_top1", "box_iou_after")  # paired with random init in the table
 PLOTTED = (("retrieval_top1", "instance retrieval top-1"), ("knn_top1", "kNN top-1 (k=20)"),
            ("box_iou_after", "box probe mean IoU"))
 
@@ -53,16 +57,40 @@ def run_method(config, workdir: str, data, settings) -> dict:
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     steps = checkpointer.steps()
     checkpointer.close()
-    results = {}
+    results, items = {}, {}
     for step in [0] + steps:
         if step == 0:
             variables = evaluate.random_variables(config)
         else:
             variables, _, _ = load_query_variables(workdir, step, config)
-        results[step] = evaluate.run_probes(extractors, variables, data, settings)
-        evaluate.write_results(workdir, step, results[step])
+        results[step], items[step] = evaluate.score_probes(extractors, variables, data, settings)
+        if step:
+            results[step].update(paired_columns(items[0], items[step]))
+        evaluate.write_results(workdir, step, results[step], items[step])
         print(f"  step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in results[step].items()), flush=True)
     return results
+
+
+def paired_columns(random_items: dict, items: dict) -> dict:
+    """Paired differences on the same held-out items, with standard errors (`probes.paired_difference`).
+
+    Args:
+      random_items: per-item scores (`evaluate.score_probes`) of the untrained model.
+      items: per-item scores of a pretrained checkpoint.
+
+    Returns:
+      {"<metric>_vs_random", "<metric>_vs_random_se"} for each compared metric both have, and
+      {"box_iou_after_vs_geometry", "box_iou_after_vs_geometry_se"}: the box probe on features against the
+      same probe on the box coordinates alone.
+    """
+    out = {}
+    for key in COMPARED:
+        if key in random_items and key in items:
+            out[f"{key}_vs_random"], out[f"{key}_vs_random_se"] = probes.paired_difference(
+                random_items[key], items[key])
+    out["box_iou_after_vs_geometry"], out["box_iou_after_vs_geometry_se"] = probes.paired_difference(
+        items["box_iou_geometry"], items["box_iou_after"])
+    return out
 
 
 def plot(results: dict, path: str) -> None:
@@ -96,16 +124,33 @@ def plot(results: dict, path: str) -> None:
 
 
 def table(results: dict) -> str:
-    """Markdown: one row per method at random init and at its last step."""
+    """Markdown: one row per method at random init and at its last step.
+
+    A pretrained cell of a compared metric also shows its paired difference from random init and that
+    difference's standard error, "0.127 (+0.104 ± 0.016)", when the results carry them (`paired_columns`);
+    the last column is the box probe's paired difference from the coordinates-only probe.
+    """
     head = ["model", "step", "retrieval top-1", "kNN top-1", "box IoU before", "box IoU after",
-            "box IoU, coordinates only"]
-    keys = ("retrieval_top1", "knn_top1", "box_iou_before", "box_iou_after", "box_iou_geometry")
+            "box IoU, coordinates only", "box IoU after - coordinates only"]
+    keys = ("retrieval_top1", "knn_top1", "box_iou_before", "box_iou_after", "box_iou_geometry",
+            "box_iou_after_vs_geometry")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, points in results.items():
         for step, name in ((0, "random init"), (max(points), "pretrained")):
-            cells = [f"{points[step][k]:.3f}" if k in points[step] else "-" for k in keys]
+            cells = [_cell(points[step], key) for key in keys]
             rows.append(f"| {METHODS[method]['label']} ({name}) | {step} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _cell(point: dict, key: str) -> str:
+    """One table cell: the value, with its paired difference and standard error where the point has them."""
+    if key == "box_iou_after_vs_geometry":
+        return f"{point[key]:+.3f} ± {point[key + '_se']:.3f}" if key in point else "-"
+    if key not in point:
+        return "-"
+    if f"{key}_vs_random" in point:
+        return f"{point[key]:.3f} ({point[key + '_vs_random']:+.3f} ± {point[key + '_vs_random_se']:.3f})"
+    return f"{point[key]:.3f}"
 
 
 def main() -> None:

@@ -30,6 +30,32 @@ def test_retrieval_of_shifted_pairs_is_zero_and_random_is_chance():
     assert accuracy < 5.0 / n  # chance is 1 / n = 0.0025
 
 
+def test_retrieval_hits_mark_exactly_the_instances_that_find_themselves():
+    feats = np.eye(4)
+    keys = feats[[0, 2, 1, 3]]  # instances 1 and 2 swapped in view 2
+    np.testing.assert_array_equal(probes.retrieval_hits(feats, keys), [True, False, False, True])
+    assert probes.retrieval_top1(feats, keys) == 0.5
+
+
+def test_group_means_average_each_group_in_id_order():
+    values = np.array([1.0, 2.0, 10.0, 3.0, 20.0])
+    np.testing.assert_allclose(probes.group_means(values, [7, 7, 3, 7, 3]), [15.0, 2.0])
+
+
+def test_paired_difference_against_the_textbook_formula():
+    base = np.array([1.0, 0.0, 1.0, 1.0, 0.0])
+    other = np.array([0.0, 0.0, 1.0, 0.0, 1.0])
+    # d = [-1, 0, 0, -1, 1]: mean -0.2; sample variance ((0.8^2 * 2) + 0.2^2 * 2 + 1.2^2) / 4 = 0.7.
+    mean, se = probes.paired_difference(base, other)
+    assert mean == pytest.approx(-0.2)
+    assert se == pytest.approx(np.sqrt(0.7 / 5))
+    # What the items share cancels: a constant shift has no spread, however noisy the items are.
+    noisy = np.random.default_rng(0).normal(size=100)
+    assert probes.paired_difference(noisy, noisy + 0.05) == pytest.approx((0.05, 0.0), abs=1e-12)
+    with pytest.raises(ValueError, match="equally long"):
+        probes.paired_difference(base, other[:4])
+
+
 def test_knn_on_separable_clusters_is_perfect_and_on_unrelated_labels_is_chance():
     rng = np.random.default_rng(2)
     centres = 10.0 * np.eye(4, 32)
@@ -223,7 +249,7 @@ def test_evaluate_end_to_end_on_the_tiny_embedded_dataset(tmp_path):
     images = np.zeros((1, config.data.canvas_size, config.data.canvas_size, 3), np.float32)
     variables = jax.jit(lambda: config_lib.make_encoder(config).init(
         jax.random.PRNGKey(0), images, method=Encoder.features))()
-    metrics = evaluate.evaluate(config, variables)
+    metrics, items = evaluate.evaluate(config, variables)
     expected = {"retrieval_top1", "retrieval_chance", "knn_top1", "box_iou_before", "box_iou_after",
                 "box_iou_gain", "box_ridge_alpha", "box_iou_geometry", "eval_seconds"}
     assert set(metrics) == expected
@@ -235,6 +261,13 @@ def test_evaluate_end_to_end_on_the_tiny_embedded_dataset(tmp_path):
     assert metrics["retrieval_top1"] * num_test == pytest.approx(round(metrics["retrieval_top1"] * num_test))
     assert 0.2 < metrics["box_iou_before"] < 0.9
     assert metrics["box_iou_gain"] == pytest.approx(metrics["box_iou_after"] - metrics["box_iou_before"])
+    # Per-item scores: one per query or scored instance, and the metrics are their means.
+    fitted = int(round(evaluate.Settings.from_config(config).fit_fraction * num_test))
+    assert {k: v.shape for k, v in items.items()} == {
+        "retrieval_top1": (num_test,), "knn_top1": (num_test,), "box_iou_before": (num_test - fitted,),
+        "box_iou_after": (num_test - fitted,), "box_iou_geometry": (num_test - fitted,)}
+    for name, scores in items.items():
+        assert metrics[name] == pytest.approx(scores.mean()), name
 
     # The periodic evaluator rebuilds the same probe data from the seed and writes what it returns.
     workdir = str(tmp_path / "run")
@@ -243,6 +276,10 @@ def test_evaluate_end_to_end_on_the_tiny_embedded_dataset(tmp_path):
         {k: v for k, v in metrics.items() if k != "eval_seconds"})
     with open(os.path.join(workdir, "eval", "step_3.json")) as f:
         assert json.load(f) == {"step": 3, **again}
+    with np.load(os.path.join(workdir, "eval", "step_3.npz")) as saved:
+        assert set(saved.files) == set(items)
+        for name in items:
+            np.testing.assert_allclose(saved[name], items[name], err_msg=name)
     assert os.listdir(os.path.join(workdir, "tensorboard"))
 
 
@@ -275,3 +312,25 @@ def test_probe_settings_reject_zero_jitters():
     with pytest.raises(config_lib.ConfigError, match="eval.jitters=0"):
         Settings(jitters=0)
     assert Settings(jitters=1).jitters == 1
+
+
+def test_evaluate_command_on_the_random_init_writes_what_it_prints(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "insloc_jax.evaluate", "--workdir", str(workdir), "--random",
+         "--config", os.path.join(root, "configs", "tiny.py"), f"--config.data.source.data_dir={tmp_path}/data"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    with open(workdir / "eval" / "step_0.json") as f:
+        written = json.load(f)
+    assert printed["written"] == str(workdir / "eval" / "step_0.json")
+    assert written == {k: v for k, v in printed.items() if k != "written"}
+    with np.load(workdir / "eval" / "step_0.npz") as items:
+        for name in ("retrieval_top1", "knn_top1", "box_iou_after"):
+            assert written[name] == pytest.approx(items[name].mean()), name

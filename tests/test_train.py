@@ -102,7 +102,7 @@ def test_periodic_probes_during_training_equal_the_probes_of_the_saved_checkpoin
     with open(os.path.join(workdir, "eval", "step_2.json")) as f:
         during = json.load(f)
     variables, step = _restore(workdir, 2)
-    after = evaluate.evaluate(config, variables)
+    after, _ = evaluate.evaluate(config, variables)
     assert during["step"] == step == 2
     assert {k: v for k, v in during.items() if k not in ("step", "eval_seconds")} == pytest.approx(
         {k: v for k, v in after.items() if k != "eval_seconds"})
