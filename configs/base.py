@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     # First steps at learning rate 0, so the queue fills with real keys before anything is learned; 0 = the
     # paper's start from a queue of random vectors (which collapses InsLoc-FPN at small scale, BENCHMARKS.md)
     c.contrast.queue_fill_steps = 0
+    # Also contrast each query with the other samples' keys of the global batch (not in the paper). With a
+    # short queue and a fast key encoder, queued keys are told apart from fresh ones by the encoder's drift
+    # alone, so the queue-only loss can be lowered without telling instances apart (BENCHMARKS.md).
+    c.contrast.batch_negatives = False
 
     c.box_aug = ml_collections.ConfigDict()
     c.box_aug.levels = (3,)  # levels whose query box is augmented: (3,) = P5 for fpn, (0,) for c4, () off

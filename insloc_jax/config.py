@@ -122,6 +122,7 @@ def step_config(config: ml_collections.ConfigDict) -> StepConfig:
         iou_threshold=config.box_aug.iou_threshold,
         nms_threshold=config.box_aug.nms_threshold,
         fallback_top_k=config.box_aug.fallback_top_k,
+        batch_negatives=config.contrast.get("batch_negatives", False),
     )
 
 

@@ -5,7 +5,7 @@ length. Queues are stored [L, K, D] (rows are past keys) so the logits against t
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -33,23 +33,36 @@ def init_queues(rng: jax.Array, levels: int, size: int, dim: int) -> jnp.ndarray
     return queue / jnp.linalg.norm(queue, axis=-1, keepdims=True)
 
 
-def infonce_logits(query: jnp.ndarray, key: jnp.ndarray, queue: jnp.ndarray, temperature: float) -> jnp.ndarray:
-    """Logits of the positive key (column 0) and of the queued negatives, per level.
+def infonce_logits(query: jnp.ndarray, key: jnp.ndarray, queue: jnp.ndarray, temperature: float,
+                   batch_keys: Optional[jnp.ndarray] = None, own: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """Logits of the positive key (column 0), of the queued negatives and optionally of the batch's other keys.
 
     Args:
       query: [B, L, D] L2-normalised query embeddings.
       key: [B, L, D] L2-normalised key embeddings (treated as constants).
       queue: [L, K, D] past keys.
       temperature: T, 0.2 in the paper.
+      batch_keys: [N, L, D] the keys of the whole global batch, or None (the paper: queue negatives only).
+        When given, every query also contrasts with the N - 1 keys of the other samples, which come from the
+        current key encoder like its positive does.
+      own: [B] int, the row of batch_keys that is each query's own key (needed with batch_keys).
 
     Returns:
-      [B, L, 1 + K] float32 logits.
+      [B, L, 1 + K] float32 logits, or [B, L, 1 + K + N - 1] with batch_keys (the other samples' keys last,
+      in batch order).
     """
     query = query.astype(jnp.float32)
     key = jax.lax.stop_gradient(key.astype(jnp.float32))
     positive = jnp.sum(query * key, axis=-1, keepdims=True)  # [B, L, 1]
     negative = jnp.einsum("bld,lkd->blk", query, jax.lax.stop_gradient(queue))  # [B, L, K]
-    return jnp.concatenate([positive, negative], axis=-1) / temperature
+    parts = [positive, negative]
+    if batch_keys is not None:
+        n = batch_keys.shape[0]
+        everyone = jnp.einsum("bld,nld->bln", query, jax.lax.stop_gradient(batch_keys.astype(jnp.float32)))
+        others = (own[:, None] + 1 + jnp.arange(n - 1)[None, :]) % n  # [B, N-1]: every row but its own
+        others = jnp.sort(others, axis=1)  # batch order
+        parts.append(jnp.take_along_axis(everyone, others[:, None, :], axis=2))  # [B, L, N-1]
+    return jnp.concatenate(parts, axis=-1) / temperature
 
 
 def infonce_loss(logits: jnp.ndarray) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:

@@ -46,6 +46,8 @@ class StepConfig:
       temperature: InfoNCE temperature T.
       augment_levels: levels whose query box is replaced by box augmentation (FPN: (3,) = P5).
       iou_threshold, nms_threshold, fallback_top_k: box augmentation (REFERENCE section 2).
+      batch_negatives: also contrast each query with the other samples' keys of the global batch
+        (`contrast.infonce_logits`); off in the paper.
     """
 
     momentum: float = 0.999
@@ -54,6 +56,7 @@ class StepConfig:
     iou_threshold: float = 0.5
     nms_threshold: float = 0.7
     fallback_top_k: int = 4000
+    batch_negatives: bool = False
 
 
 def view(batch: Batch, index: int) -> Tuple[jnp.ndarray, jnp.ndarray]:
@@ -147,7 +150,9 @@ def train_step(state: TrainState, batch: Batch, *, encoder: Encoder, tx: optax.G
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         queries, updates = encoder.apply(variables, images_q, q_boxes, train=True, mutable=["batch_stats"])
-        logits = contrast.infonce_logits(queries, keys, state.queues, config.temperature)  # [B, L, 1+K]
+        logits = contrast.infonce_logits(  # [B, L, 1+K] (+ N-1 with batch negatives)
+            queries, keys, state.queues, config.temperature,
+            batch_keys=global_keys if config.batch_negatives else None, own=sample_ids)
         loss, metrics = contrast.infonce_loss(logits)
         return loss, (updates["batch_stats"], metrics)
 

@@ -79,3 +79,24 @@ def test_enqueue_fifo_with_wrap_around():
         assert int(pointer) == ref_pointer
     with pytest.raises(ValueError, match="multiple of the global batch"):
         contrast.enqueue(jnp.asarray(queue), jnp.zeros((5, levels, dim)), pointer)
+
+
+def test_batch_negatives_are_every_other_key_of_the_global_batch_in_order():
+    rng = np.random.default_rng(3)
+    n, levels, dim, size = 6, 2, 5, 4
+    batch_keys = rng.normal(size=(n, levels, dim))
+    query, queue = rng.normal(size=(3, levels, dim)), rng.normal(size=(levels, size, dim))
+    own = np.array([2, 3, 5])  # this device holds global samples 2, 3 and 5
+    logits = np.asarray(contrast.infonce_logits(jnp.asarray(query), jnp.asarray(batch_keys[own]),
+                                                jnp.asarray(queue), 0.5, batch_keys=jnp.asarray(batch_keys),
+                                                own=jnp.asarray(own)))
+    assert logits.shape == (3, levels, 1 + size + n - 1)
+    for b in range(3):
+        for level in range(levels):
+            want = ([query[b, level] @ batch_keys[own[b], level]]
+                    + [query[b, level] @ queue[level, k] for k in range(size)]
+                    + [query[b, level] @ batch_keys[j, level] for j in range(n) if j != own[b]])
+            np.testing.assert_allclose(logits[b, level], np.array(want) / 0.5, rtol=1e-5, atol=1e-5)
+    # Without batch keys the logits are the paper's: the same first 1 + K columns.
+    plain = contrast.infonce_logits(jnp.asarray(query), jnp.asarray(batch_keys[own]), jnp.asarray(queue), 0.5)
+    np.testing.assert_allclose(np.asarray(plain), logits[..., :1 + size], rtol=1e-6)

@@ -94,6 +94,20 @@ def test_one_device_with_eight_ghost_groups_equals_eight_devices(pmap_run):
     assert metrics[1]["loss"] == pytest.approx(pmap_run[1][1]["loss"], rel=1e-4)
 
 
+def test_batch_negatives_on_eight_devices_equal_one_device_with_eight_ghost_groups(pmap_run):
+    # Each device must leave out its own samples' rows of the gathered global batch: a local index would
+    # make device d contrast its queries with other samples' positives, and the two runs would differ.
+    # One step: at lr 0.3 a second one amplifies float noise to ~1e-3 either way.
+    config = _config()
+    config.contrast.batch_negatives = True
+    devices, _ = _run(config, DEVICES, "pmap", _batches(1))
+    config.train.ghost_groups = 8
+    one, _ = _run(config, 1, "pmap", _batches(1))
+    assert _max_relative_difference(one[-1].params, devices[-1].params) < 1e-4
+    plain = pmap_run[0][1]  # the same first batch without the option
+    assert _max_relative_difference(plain.params, devices[-1].params) > 0.1  # the option changes the step
+
+
 def test_momentum_update_of_the_key_encoder(pmap_run):
     states, _ = pmap_run
     m = tiny.get_config().contrast.momentum
