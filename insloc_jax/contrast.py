@@ -59,8 +59,8 @@ def infonce_logits(query: jnp.ndarray, key: jnp.ndarray, queue: jnp.ndarray, tem
     if batch_keys is not None:
         n = batch_keys.shape[0]
         everyone = jnp.einsum("bld,nld->bln", query, jax.lax.stop_gradient(batch_keys.astype(jnp.float32)))
-        others = (own[:, None] + 1 + jnp.arange(n - 1)[None, :]) % n  # [B, N-1]: every row but its own
-        others = jnp.sort(others, axis=1)  # batch order
+        slots = jnp.arange(n - 1)[None, :]
+        others = slots + (slots >= own[:, None])  # [B, N-1]: every row but its own, in batch order
         parts.append(jnp.take_along_axis(everyone, others[:, None, :], axis=2))  # [B, L, N-1]
     return jnp.concatenate(parts, axis=-1) / temperature
 

@@ -167,11 +167,6 @@ def score_probes(extractors, variables, data: ProbeData, settings: Settings):
     return metrics, items
 
 
-def run_probes(extractors, variables, data: ProbeData, settings: Settings) -> Dict[str, float]:
-    """The summary metrics of `score_probes`."""
-    return score_probes(extractors, variables, data, settings)[0]
-
-
 def evaluate(config: ml_collections.ConfigDict, variables, source: Optional[Dict[str, Any]] = None,
              settings: Optional[Settings] = None):
     """Runs every probe on the query encoder `variables` ({"params", "batch_stats"}) of `config`.

@@ -1,7 +1,7 @@
 """The held-out data of the frozen-feature probes: settings, composites, jittered boxes, whole images.
 
 Built once per evaluation run with the data package (TensorFlow) and kept in host memory as numpy, so the
-probes themselves (`evaluate.run_probes`) only feed arrays to the network. Every random draw is a stateless
+probes themselves (`evaluate.score_probes`) only feed arrays to the network. Every random draw is a stateless
 function of (eval seed, instance, view), with a purpose of its own so no draw repeats a training draw.
 """
 from __future__ import annotations
