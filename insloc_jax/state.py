@@ -127,8 +127,8 @@ def load_run_config(workdir: str):
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_query_variables(workdir: str, step=None, config=None):
-    """The trained query encoder of a run: ({"params", "batch_stats"}, config, step).
+def load_state(workdir: str, step=None, config=None):
+    """A run's whole saved TrainState (both encoders, queues, optimiser): (host TrainState, config, step).
 
     Args:
       workdir: a training workdir (holds config.json and checkpoints/).
@@ -152,4 +152,10 @@ def load_query_variables(workdir: str, step=None, config=None):
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first, or check the path")
     state, step = restored
+    return state, config, step
+
+
+def load_query_variables(workdir: str, step=None, config=None):
+    """The trained query encoder of a run: ({"params", "batch_stats"}, config, step); see `load_state`."""
+    state, config, step = load_state(workdir, step, config)
     return query_variables(state), config, step

@@ -91,18 +91,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from insloc_jax import probe_data
-    from insloc_jax.checkpoint import Checkpointer
-    from insloc_jax.state import initial_state, load_run_config
+    from insloc_jax.checkpoint import CheckpointError
+    from insloc_jax.state import load_state
 
-    config = load_run_config(args.workdir)
-    checkpointer = Checkpointer(os.path.join(args.workdir, "checkpoints"), async_save=False)
     try:
-        restored = checkpointer.restore(initial_state(config, abstract=True), args.step)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise SystemExit(f"error: no checkpoint in {args.workdir}/checkpoints")
-    state, step = restored
+        state, config, step = load_state(args.workdir, args.step)
+    except (FileNotFoundError, CheckpointError) as error:
+        raise SystemExit(f"error: {error}") from None
     settings = probe_data.Settings.from_config(config)
     data = probe_data.load_probe_data(config, settings)
     if args.num > data.boxes.shape[1]:
