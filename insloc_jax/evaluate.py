@@ -143,8 +143,8 @@ def score_probes(extractors, variables, data: ProbeData, settings: Settings):
     if np.all(data.labels >= 0):
         whole = batched(whole_fn, variables, [data.whole], settings.batch_size)
         m = data.num_bank
-        predicted = probes.knn_predict(whole[:m], data.labels[:m], whole[m:], int(data.labels.max()) + 1)
-        items["knn_top1"] = (predicted == data.labels[m:]).astype(np.float64)
+        items["knn_top1"] = probes.knn_hits(whole[:m], data.labels[:m], whole[m:], data.labels[m:],
+                                            int(data.labels.max()) + 1).astype(np.float64)
     # One probe row per (view, instance, jitter), in the features' order; fitted and scored by instance.
     jitters = data.jittered.shape[2]
     instance = np.tile(np.repeat(np.arange(n), jitters), 2)  # [2 * N * J]

@@ -73,11 +73,16 @@ def knn_predict(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, 
     return np.argmax(votes, axis=1)
 
 
+def knn_hits(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
+             num_classes: int, k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> np.ndarray:
+    """[Q] bool: whether `knn_predict` gives each query its label (query_labels [Q])."""
+    return knn_predict(bank, bank_labels, queries, num_classes, k, temperature) == np.asarray(query_labels)
+
+
 def knn_top1(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray,
              num_classes: int, k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
-    """Top-1 accuracy of `knn_predict` against query_labels [Q]."""
-    predicted = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
-    return float(np.mean(predicted == np.asarray(query_labels)))
+    """Top-1 accuracy of `knn_predict` against query_labels [Q] (the mean of `knn_hits`)."""
+    return float(np.mean(knn_hits(bank, bank_labels, queries, query_labels, num_classes, k, temperature)))
 
 
 def box_deltas(boxes: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -239,7 +244,7 @@ def box_regression_probe(features: np.ndarray, jittered: np.ndarray, true_boxes:
 
 def group_means(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """[N] values, [N] int group ids -> [G] mean per group, in increasing group id (G = distinct ids)."""
-    ids, index = np.unique(np.asarray(groups), return_inverse=True)
+    _, index = np.unique(np.asarray(groups), return_inverse=True)
     return np.bincount(index, weights=np.asarray(values, np.float64)) / np.bincount(index)
 
 
