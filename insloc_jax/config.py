@@ -34,6 +34,32 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
+def parse_flags(argv):
+    """absl's flag parsing for the commands, with a bad `--config` flag reported in one line.
+
+    A config file that does not exist, or an override naming no field (`--config.optim.schedulee=...`),
+    raises inside ml_collections' flag parser, past absl's own one-line usage error; both end the command
+    here with a message saying which file or field. Pass as `app.run(main, flags_parser=parse_flags)`.
+    """
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except OSError as error:
+        raise SystemExit(config_file_message(error)) from None
+    except (AttributeError, KeyError) as error:
+        while error.args and isinstance(error.args[0], BaseException):  # an AttributeError wraps a KeyError
+            error = error.args[0]
+        what = " ".join(str(error.args[0] if error.args else error).split())
+        raise SystemExit(f"error: a --config.<field> override names no field of the config: {what}") from None
+
+
+def config_file_message(error: OSError) -> str:
+    """One line for a `--config` file that failed to load (ml_collections raises it at parse time, or when
+    the flag is first read if no validator read it then); its message ends with the OS's reason."""
+    return f"error: cannot load the --config file: {str(error).strip().splitlines()[-1].strip()}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Derived:
     """Values computed from the config and the machine.

@@ -263,6 +263,8 @@ def main(argv):
     except (FileNotFoundError, CheckpointError, config_lib.ConfigError) as error:
         # SourceError (a missing dataset) is a FileNotFoundError too; its message says how to prepare it.
         raise SystemExit(f"error: {error}") from None
+    except OSError as error:  # what is left: the --config file itself did not load
+        raise SystemExit(config_lib.config_file_message(error)) from None
     path = write_results(flags.workdir, step, metrics, items)
     print(json.dumps({"step": step, "written": path, **metrics}))
 
@@ -271,4 +273,4 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

@@ -15,6 +15,8 @@ import pytest
 
 from insloc_jax import probes
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_retrieval_identical_scaled_features_is_perfect():
     feats = np.random.default_rng(0).normal(size=(50, 16))
@@ -314,17 +316,19 @@ def test_probe_settings_reject_zero_jitters():
     assert Settings(jitters=1).jitters == 1
 
 
-def test_evaluate_command_on_the_random_init_writes_what_it_prints(tmp_path):
+def _evaluate_command(*args):
+    """Runs `python -m insloc_jax.evaluate ARGS` with one CPU device; returns the CompletedProcess."""
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "insloc_jax.evaluate", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2"))
+
+
+def test_evaluate_command_on_the_random_init_writes_what_it_prints(tmp_path):
     workdir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "insloc_jax.evaluate", "--workdir", str(workdir), "--random",
-         "--config", os.path.join(root, "configs", "tiny.py"), f"--config.data.source.data_dir={tmp_path}/data"],
-        cwd=root, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2"))
+    proc = _evaluate_command("--workdir", str(workdir), "--random", "--config", os.path.join(ROOT, "configs", "tiny.py"),
+                             f"--config.data.source.data_dir={tmp_path}/data")
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     with open(workdir / "eval" / "step_0.json") as f:
@@ -334,3 +338,11 @@ def test_evaluate_command_on_the_random_init_writes_what_it_prints(tmp_path):
     with np.load(workdir / "eval" / "step_0.npz") as items:
         for name in ("retrieval_top1", "knn_top1", "box_iou_after"):
             assert written[name] == pytest.approx(items[name].mean()), name
+
+
+def test_evaluate_command_reports_a_missing_config_file_in_one_line(tmp_path):
+    proc = _evaluate_command("--workdir", str(tmp_path), "--random", "--config", "configs/no_such_run.py")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == ("error: cannot load the --config file: [Errno 2] No such "
+                                                    "file or directory: 'configs/no_such_run.py'")
+    assert "Traceback" not in proc.stderr

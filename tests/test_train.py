@@ -152,14 +152,21 @@ def _train_command(workdir, data_dir, *overrides):
         env=dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2"))
 
 
-def test_train_command_rejects_a_bad_config_in_one_line_and_keeps_the_run_record(tmp_path, data_dir):
+@pytest.mark.parametrize("flag, message", [
+    ("--config.optim.schedule=linear", "error: optim.schedule must be 'cosine' or 'constant', got 'linear'"),
+    ("--config.optim.schedulee=cosine", "error: a --config.<field> override names no field of the config: "
+                                        "'schedulee' Did you mean \"schedule\" instead of \"schedulee\"?"),
+    ("--config=configs/no_such_run.py", "error: cannot load the --config file: [Errno 2] No such file or "
+                                        "directory: 'configs/no_such_run.py'"),
+])
+def test_train_command_rejects_a_bad_config_in_one_line_and_keeps_the_run_record(tmp_path, data_dir, flag,
+                                                                                 message):
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text("{}")  # the record of a run already there
-    proc = _train_command(workdir, data_dir, "--config.optim.schedule=linear")
+    proc = _train_command(workdir, data_dir, flag)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "error: optim.schedule must be 'cosine' or 'constant', got 'linear'")
+    assert proc.stderr.strip().splitlines()[-1] == message
     assert "Traceback" not in proc.stderr
     assert (workdir / "config.json").read_text() == "{}"
 
