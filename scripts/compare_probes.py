@@ -1,9 +1,11 @@
 """Pretrains InsLoc-FPN, InsLoc-C4 and MoCo-v2 for the same steps and compares their frozen-feature probes.
 
     python scripts/compare_probes.py --config configs/demo.py --workdir /tmp/probes --steps 2000 \
-        --eval_every 500 [--methods insloc_fpn,insloc_c4,mocov2] [--png probes.png]
+        --eval_every 500 [--methods insloc_fpn,insloc_c4,mocov2] [--png probes.png] \
+        [--config.contrast.queue_size=1024 ...]
 
-Each method trains from the same config with its own overrides (as configs/insloc_c4_200ep.py and
+Each method trains from the same config (the file's, with any `--config.<field>=<value>` overrides, as in
+`insloc_jax.train`) with its own overrides (as configs/insloc_c4_200ep.py and
 configs/mocov2_200ep.py do) in WORKDIR/<method>, keeping a checkpoint every `eval_every` steps; rerunning
 resumes. Step 0 of every curve is that method's untrained initialisation. Every evaluated point is written to
 WORKDIR/<method>/eval/step_<N>.json (per-item scores in step_<N>.npz); the script then writes
@@ -12,10 +14,11 @@ of the random and final points. Every pretrained point also carries its paired d
 on the same held-out items and that difference's standard error (`<metric>_vs_random`, `..._se`), so a
 margin can be read against its noise.
 """
-import argparse
 import json
 import os
 import sys
+
+import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,9 +36,10 @@ PLOTTED = (("retrieval_top1", "instance retrieval top-1"), ("knn_top1", "kNN top
            ("box_iou_after", "box probe mean IoU"))
 
 
-def method_config(path: str, method: str, steps: int, eval_every: int):
-    """The run config of one method: the file's config with that method's arch, data mode and box levels."""
-    config = config_lib.load_config_file(path)
+def method_config(base: ml_collections.ConfigDict, method: str, steps: int, eval_every: int):
+    """The run config of one method: a copy of `base` with that method's arch, data mode and box levels."""
+    config = base.copy_and_resolve_references()
+    config.unlock()
     spec = METHODS[method]
     config.model.arch = spec["arch"]
     config.data.mode = spec["mode"]
@@ -153,23 +157,15 @@ def _cell(point: dict, key: str) -> str:
     return f"{point[key]:.3f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.py", help="base run config file")
-    parser.add_argument("--workdir", required=True, help="one sub-directory per method goes here")
-    parser.add_argument("--steps", type=int, required=True, help="pretraining steps of every method")
-    parser.add_argument("--eval_every", type=int, required=True, help="steps between evaluated checkpoints")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="comma-separated subset of " + ",".join(METHODS))
-    parser.add_argument("--png", default="", help="plot path (default WORKDIR/probes.png)")
-    args = parser.parse_args()
-    if not os.path.isfile(args.config):
-        parser.error(f"config file {args.config} does not exist; pass --config (e.g. configs/tiny.py)")
+def main(argv) -> None:
+    del argv
+    from absl import flags
+
+    args = flags.FLAGS
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+        raise SystemExit(f"error: unknown methods {unknown}; choose from {sorted(METHODS)}")
 
     # The probe data depends only on the data fields, which the methods share: build it once.
     first = method_config(args.config, methods[0], args.steps, args.eval_every)
@@ -189,5 +185,21 @@ def main() -> None:
     print(f"plot: {png}")
 
 
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "base run config file, e.g. configs/demo.py", lock_config=True)
+    flags.DEFINE_string("workdir", None, "one sub-directory per method goes here")
+    flags.DEFINE_integer("steps", None, "pretraining steps of every method")
+    flags.DEFINE_integer("eval_every", None, "steps between evaluated checkpoints")
+    flags.DEFINE_string("methods", ",".join(METHODS), "comma-separated subset of " + ",".join(METHODS))
+    flags.DEFINE_string("png", "", "plot path (default WORKDIR/probes.png)")
+    flags.mark_flags_as_required(["config", "workdir", "steps", "eval_every"])
+
+
 if __name__ == "__main__":
-    main()
+    from absl import app
+
+    _define_flags()
+    app.run(main, flags_parser=config_lib.parse_flags)
