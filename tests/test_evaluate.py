@@ -327,8 +327,8 @@ def _evaluate_command(*args):
 
 def test_evaluate_command_on_the_random_init_writes_what_it_prints(tmp_path):
     workdir = tmp_path / "run"
-    proc = _evaluate_command("--workdir", str(workdir), "--random", "--config", os.path.join(ROOT, "configs", "tiny.py"),
-                             f"--config.data.source.data_dir={tmp_path}/data")
+    proc = _evaluate_command("--workdir", str(workdir), "--random", "--config",
+                             os.path.join(ROOT, "configs", "tiny.py"), f"--config.data.source.data_dir={tmp_path}/data")
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     with open(workdir / "eval" / "step_0.json") as f:
