@@ -233,15 +233,6 @@ def box_regression_ious(features: np.ndarray, jittered: np.ndarray, true_boxes: 
             float(model["alpha"]))
 
 
-def box_regression_probe(features: np.ndarray, jittered: np.ndarray, true_boxes: np.ndarray,
-                         fit: np.ndarray, groups: Optional[np.ndarray] = None) -> Dict[str, float]:
-    """`box_regression_ious` averaged: {"box_iou_before", "box_iou_after" (means over the scored rows),
-    "box_ridge_alpha"}."""
-    before, after, alpha = box_regression_ious(features, jittered, true_boxes, fit, groups)
-    return {"box_iou_before": float(np.mean(before)), "box_iou_after": float(np.mean(after)),
-            "box_ridge_alpha": alpha}
-
-
 def group_means(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """[N] values, [N] int group ids -> [G] mean per group, in increasing group id (G = distinct ids)."""
     _, index = np.unique(np.asarray(groups), return_inverse=True)
