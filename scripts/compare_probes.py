@@ -15,6 +15,7 @@ on the same held-out items and that difference's standard error (`<metric>_vs_ra
 margin can be read against its noise.
 """
 import json
+import logging
 import os
 import sys
 
@@ -162,6 +163,7 @@ def main(argv) -> None:
     from absl import flags
 
     args = flags.FLAGS
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax reports every file it reads at INFO
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
