@@ -12,7 +12,7 @@ WORKDIR/<method>/eval/step_<N>.json (per-item scores in step_<N>.npz); the scrip
 WORKDIR/probes.json, draws probe metric vs step (one line per method) to the PNG and prints a markdown table
 of the random and final points. Every pretrained point also carries its paired difference from random init
 on the same held-out items and that difference's standard error (`<metric>_vs_random`, `..._se`), so a
-margin can be read against its noise.
+margin can be read against its noise; a second table pairs each method's last step with MoCo-v2's.
 """
 import json
 import logging
@@ -52,8 +52,12 @@ def method_config(base: ml_collections.ConfigDict, method: str, steps: int, eval
     return config
 
 
-def run_method(config, workdir: str, data, settings) -> dict:
-    """Trains (or resumes) one method and evaluates step 0 (random init) and every checkpoint."""
+def run_method(config, workdir: str, data, settings):
+    """Trains (or resumes) one method and evaluates step 0 (random init) and every checkpoint.
+
+    Returns:
+      ({step: metrics}, per-item scores of the last step).
+    """
     from insloc_jax.train import train
     from insloc_jax.checkpoint import Checkpointer
 
@@ -73,7 +77,7 @@ def run_method(config, workdir: str, data, settings) -> dict:
             results[step].update(paired_columns(items[0], items[step]))
         evaluate.write_results(workdir, step, results[step], items[step])
         print(f"  step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in results[step].items()), flush=True)
-    return results
+    return results, items[max(items)]
 
 
 def paired_columns(random_items: dict, items: dict) -> dict:
@@ -96,6 +100,34 @@ def paired_columns(random_items: dict, items: dict) -> dict:
     out["box_iou_after_vs_geometry"], out["box_iou_after_vs_geometry_se"] = probes.paired_difference(
         items["box_iou_geometry"], items["box_iou_after"])
     return out
+
+
+def ordering_table(last_items: dict, baseline: str = "mocov2") -> str:
+    """Markdown: each other method's last step minus the baseline's, paired on the same held-out items.
+
+    Every method is probed on the same data (built once in `main`), so the per-item scores line up and the
+    orderings the comparison asks about (InsLoc against MoCo-v2) get standard errors of their own.
+
+    Args:
+      last_items: {method: per-item scores of its last step}.
+      baseline: the method subtracted; "" when it was not run.
+    """
+    if baseline not in last_items or len(last_items) < 2:
+        return ""
+    rows = [f"| last step minus {METHODS[baseline]['label']} | " + " | ".join(COMPARED) + " |",
+            "|" + "---|" * (len(COMPARED) + 1)]
+    for method, items in last_items.items():
+        if method == baseline:
+            continue
+        cells = []
+        for key in COMPARED:
+            if key in items and key in last_items[baseline]:
+                mean, se = probes.paired_difference(last_items[baseline][key], items[key])
+                cells.append(f"{mean:+.3f} ± {se:.3f}")
+            else:
+                cells.append("-")
+        rows.append(f"| {METHODS[method]['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def plot(results: dict, path: str) -> None:
@@ -173,17 +205,19 @@ def main(argv) -> None:
     first = method_config(args.config, methods[0], args.steps, args.eval_every)
     settings = probe_data.Settings.from_config(first)
     data = probe_data.load_probe_data(first, settings)
-    results = {}
+    results, last_items = {}, {}
     for method in methods:
         print(f"{METHODS[method]['label']}: {args.steps} steps", flush=True)
         config = method_config(args.config, method, args.steps, args.eval_every)
-        results[method] = run_method(config, os.path.join(args.workdir, method), data, settings)
+        results[method], last_items[method] = run_method(config, os.path.join(args.workdir, method), data,
+                                                         settings)
 
     with open(os.path.join(args.workdir, "probes.json"), "w", encoding="utf-8") as f:
         json.dump({m: {str(s): v for s, v in points.items()} for m, points in results.items()}, f, indent=2)
     png = args.png or os.path.join(args.workdir, "probes.png")
     plot(results, png)
     print(table(results))
+    print(ordering_table(last_items))
     print(f"plot: {png}")
 
 

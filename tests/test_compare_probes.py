@@ -49,3 +49,15 @@ def test_table_has_the_random_and_last_point_of_every_method_and_the_plot_is_wri
     script.plot(results, png)
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ordering_table_pairs_each_method_with_mocov2_on_the_same_items():
+    script = load_script("compare_probes")
+    moco = {"retrieval_top1": np.array([0.0, 0.0, 1.0, 0.0]), "box_iou_after": np.array([0.6, 0.7])}
+    c4 = {"retrieval_top1": np.array([1.0, 0.0, 1.0, 1.0]), "box_iou_after": np.array([0.5, 0.7])}
+    rows = script.ordering_table({"insloc_c4": c4, "mocov2": moco}).splitlines()
+    assert rows[0] == "| last step minus MoCo-v2 | retrieval_top1 | knn_top1 | box_iou_after |"
+    # retrieval d = [1, 0, 0, 1]: mean 0.5, SE sqrt(1/3) / 2 = 0.289; box d = [-0.1, 0]: mean -0.05, SE 0.05.
+    assert rows[2] == "| InsLoc-C4 | +0.500 ± 0.289 | - | -0.050 ± 0.050 |"
+    assert len(rows) == 3
+    assert script.ordering_table({"insloc_c4": c4}) == ""  # no baseline run: no table
