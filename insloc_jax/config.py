@@ -56,7 +56,7 @@ def parse_flags(argv):
 
 def config_file_message(error: OSError) -> str:
     """One line for a `--config` file that failed to load (ml_collections raises it at parse time, or when
-    the flag is first read if no validator read it then); its message ends with the OS's reason."""
+    the flag's value is first used if nothing used it then); its message ends with the OS's reason."""
     return f"error: cannot load the --config file: {str(error).strip().splitlines()[-1].strip()}"
 
 

@@ -253,8 +253,14 @@ def main(argv):
     flags = sys.modules["absl.flags"].FLAGS
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax reports every file it reads at INFO
 
+    given = flags.config
+    if given is not None:
+        try:  # for a --config file that failed to load, ml_collections hands back a stand-in raising on use
+            given.keys()
+        except OSError as error:
+            raise SystemExit(config_lib.config_file_message(error)) from None
     try:
-        config = flags.config if flags.config is not None else load_run_config(flags.workdir)
+        config = given if given is not None else load_run_config(flags.workdir)
         if flags.random:
             variables, step = random_variables(config), 0
         else:
@@ -263,8 +269,6 @@ def main(argv):
     except (FileNotFoundError, CheckpointError, config_lib.ConfigError) as error:
         # SourceError (a missing dataset) is a FileNotFoundError too; its message says how to prepare it.
         raise SystemExit(f"error: {error}") from None
-    except OSError as error:  # what is left: the --config file itself did not load
-        raise SystemExit(config_lib.config_file_message(error)) from None
     path = write_results(flags.workdir, step, metrics, items)
     print(json.dumps({"step": step, "written": path, **metrics}))
 
