@@ -41,23 +41,24 @@ def parse_flags(argv):
     raises inside ml_collections' flag parser, past absl's own one-line usage error; both end the command
     here with a message saying which file or field. Pass as `app.run(main, flags_parser=parse_flags)`.
     """
-    from absl import app
+    from absl import app, flags
 
     try:
-        return app.parse_flags_with_usage(argv)
-    except OSError as error:
-        raise SystemExit(config_file_message(error)) from None
+        argv = app.parse_flags_with_usage(argv)
+        given = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+        if given is not None:
+            # Unless a validator (a required flag) read it during parsing, a file that failed to load is
+            # handed back as a stand-in that raises on first use: use it here, once, for every command.
+            given.keys()
+        return argv
+    except OSError as error:  # ml_collections' message ends with the file and the OS's reason
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise SystemExit(f"error: cannot load the --config file: {reason}") from None
     except (AttributeError, KeyError) as error:
         while error.args and isinstance(error.args[0], BaseException):  # an AttributeError wraps a KeyError
             error = error.args[0]
         what = " ".join(str(error.args[0] if error.args else error).split())
         raise SystemExit(f"error: a --config.<field> override names no field of the config: {what}") from None
-
-
-def config_file_message(error: OSError) -> str:
-    """One line for a `--config` file that failed to load (ml_collections raises it at parse time, or when
-    the flag's value is first used if nothing used it then); its message ends with the OS's reason."""
-    return f"error: cannot load the --config file: {str(error).strip().splitlines()[-1].strip()}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -253,14 +253,8 @@ def main(argv):
     flags = sys.modules["absl.flags"].FLAGS
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax reports every file it reads at INFO
 
-    given = flags.config
-    if given is not None:
-        try:  # for a --config file that failed to load, ml_collections hands back a stand-in raising on use
-            given.keys()
-        except OSError as error:
-            raise SystemExit(config_lib.config_file_message(error)) from None
     try:
-        config = given if given is not None else load_run_config(flags.workdir)
+        config = flags.config if flags.config is not None else load_run_config(flags.workdir)
         if flags.random:
             variables, step = random_variables(config), 0
         else:
