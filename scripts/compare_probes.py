@@ -80,8 +80,15 @@ def run_method(config, workdir: str, data, settings):
     return results, items[max(items)]
 
 
+def paired_differences(baseline: dict, items: dict) -> dict:
+    """{metric: (mean of items - baseline, standard error)} for each compared metric both have, paired on the
+    same held-out items (`probes.paired_difference`)."""
+    return {key: probes.paired_difference(baseline[key], items[key])
+            for key in COMPARED if key in baseline and key in items}
+
+
 def paired_columns(random_items: dict, items: dict) -> dict:
-    """Paired differences on the same held-out items, with standard errors (`probes.paired_difference`).
+    """A pretrained point's paired differences from random init, as result columns.
 
     Args:
       random_items: per-item scores (`evaluate.score_probes`) of the untrained model.
@@ -93,10 +100,8 @@ def paired_columns(random_items: dict, items: dict) -> dict:
       same probe on the box coordinates alone.
     """
     out = {}
-    for key in COMPARED:
-        if key in random_items and key in items:
-            out[f"{key}_vs_random"], out[f"{key}_vs_random_se"] = probes.paired_difference(
-                random_items[key], items[key])
+    for key, (mean, se) in paired_differences(random_items, items).items():
+        out[f"{key}_vs_random"], out[f"{key}_vs_random_se"] = mean, se
     out["box_iou_after_vs_geometry"], out["box_iou_after_vs_geometry_se"] = probes.paired_difference(
         items["box_iou_geometry"], items["box_iou_after"])
     return out
@@ -110,23 +115,18 @@ def ordering_table(last_items: dict, baseline: str = "mocov2") -> str:
 
     Args:
       last_items: {method: per-item scores of its last step}.
-      baseline: the method subtracted; "" when it was not run.
+      baseline: the method subtracted; without it (or without another method) there is no table, "".
     """
     if baseline not in last_items or len(last_items) < 2:
         return ""
     rows = [f"| last step minus {METHODS[baseline]['label']} | " + " | ".join(COMPARED) + " |",
             "|" + "---|" * (len(COMPARED) + 1)]
     for method, items in last_items.items():
-        if method == baseline:
-            continue
-        cells = []
-        for key in COMPARED:
-            if key in items and key in last_items[baseline]:
-                mean, se = probes.paired_difference(last_items[baseline][key], items[key])
-                cells.append(f"{mean:+.3f} ± {se:.3f}")
-            else:
-                cells.append("-")
-        rows.append(f"| {METHODS[method]['label']} | " + " | ".join(cells) + " |")
+        if method != baseline:
+            differences = paired_differences(last_items[baseline], items)
+            cells = [f"{differences[k][0]:+.3f} ± {differences[k][1]:.3f}" if k in differences else "-"
+                     for k in COMPARED]
+            rows.append(f"| {METHODS[method]['label']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
