@@ -1,9 +1,12 @@
 """Test setup: 8 fake CPU devices and full float32 matmul precision, set before JAX is imported.
 
 A session-wide persistent compilation cache lets the training tests, which build the same tiny train step
-several times (straight run, interrupted run, resumed run), compile it once.
+several times (straight run, interrupted run, resumed run), compile it once. It lives in a temporary
+folder that is removed when the test process exits, so repeated runs leave nothing behind.
 """
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -12,6 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="insloc_jax_test_cache_"))
+_CACHE_DIR = tempfile.mkdtemp(prefix="insloc_jax_test_cache_")
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
