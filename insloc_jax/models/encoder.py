@@ -23,6 +23,7 @@ import flax.linen as nn
 
 from insloc_jax.models.fpn import FPN
 from insloc_jax.models.heads import C4Head, FPNBoxHead, ProjectionMLP
+from insloc_jax.models.layers import BNSettings
 from insloc_jax.models.resnet import ResNet
 from insloc_jax.ops.roi_align import roi_align
 
@@ -82,8 +83,7 @@ class Encoder(nn.Module):
         if self.arch not in ARCHS:
             raise ValueError(f"Encoder arch must be one of {ARCHS}, got {self.arch!r}")
         bn = dict(
-            dtype=self.dtype, bn_axis_name=self.bn_axis_name, bn_num_groups=self.bn_num_groups,
-            bn_momentum=self.bn_momentum,
+            dtype=self.dtype, bn=BNSettings(self.bn_axis_name, self.bn_num_groups, self.bn_momentum)
         )
         self.backbone = ResNet(self.depth, 3 if self.arch == "c4" else 4, self.width, **bn)
         if self.arch == "fpn":

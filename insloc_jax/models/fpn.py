@@ -5,13 +5,13 @@ nearest 2x upsampling and addition, and no extra levels. Submodules are named af
 (`lateral_convs_{i}` / `fpn_convs_{i}`, each with `conv` and `bn`), i = 0..3 for P2..P5.
 """
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from insloc_jax.models.layers import ConvBN, make_norm, xavier_uniform
+from insloc_jax.models.layers import BNSettings, ConvBN, make_norm, xavier_uniform
 
 LEVELS = ("2", "3", "4", "5")
 
@@ -40,14 +40,12 @@ class FPN(nn.Module):
     Attributes:
       out_channels: channels of every pyramid level (256 in the paper).
       dtype: compute dtype.
-      bn_axis_name, bn_num_groups, bn_momentum: BatchNorm settings (see `models/norm.py`).
+      bn: BatchNorm settings shared with the rest of the encoder.
     """
 
     out_channels: int = 256
     dtype: Any = jnp.float32
-    bn_axis_name: Optional[str] = None
-    bn_num_groups: int = 1
-    bn_momentum: float = 0.9
+    bn: BNSettings = BNSettings()
 
     @nn.compact
     def __call__(self, features: Dict[str, jax.Array], train: bool) -> Dict[str, jax.Array]:
@@ -60,10 +58,7 @@ class FPN(nn.Module):
         Returns:
           {"p2": [B, H/4, W/4, out_channels], ..., "p5": [B, H/32, W/32, out_channels]}.
         """
-        norm = make_norm(
-            train, dtype=self.dtype, axis_name=self.bn_axis_name, num_groups=self.bn_num_groups,
-            momentum=self.bn_momentum,
-        )
+        norm = make_norm(train, self.dtype, self.bn)
         laterals = [
             ConvBN(self.out_channels, 1, norm, self.dtype, xavier_uniform, name=f"lateral_convs_{i}")(
                 features[f"res{level}"]

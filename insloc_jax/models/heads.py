@@ -7,13 +7,14 @@
   not published; this MLP is our choice for it (REFERENCE section 2).
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
 from insloc_jax.models.layers import (
+    BNSettings,
     ConvBN,
     make_norm,
     torch_default_bias_init,
@@ -31,7 +32,7 @@ class FPNBoxHead(nn.Module):
       out_dim: width of the final projection `fc_cls` (normal(0, out_init_std), zero bias), no activation.
       out_init_std: init std of `fc_cls`; 0.01 in the original.
       dtype: compute dtype.
-      bn_axis_name, bn_num_groups, bn_momentum: BatchNorm settings (see `models/norm.py`).
+      bn: BatchNorm settings shared with the rest of the encoder.
     """
 
     num_convs: int = 4
@@ -40,18 +41,13 @@ class FPNBoxHead(nn.Module):
     fc_dim: int = 1024
     out_dim: int = 128
     dtype: Any = jnp.float32
-    bn_axis_name: Optional[str] = None
-    bn_num_groups: int = 1
-    bn_momentum: float = 0.9
+    bn: BNSettings = BNSettings()
     out_init_std: float = 0.01
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """[R, S, S, C] RoI features -> [R, out_dim] (not normalised)."""
-        norm = make_norm(
-            train, dtype=self.dtype, axis_name=self.bn_axis_name, num_groups=self.bn_num_groups,
-            momentum=self.bn_momentum,
-        )
+        norm = make_norm(train, self.dtype, self.bn)
         for i in range(self.num_convs):
             x = nn.relu(ConvBN(self.conv_dim, 3, norm, self.dtype, name=f"shared_convs_{i}")(x))
         # Flatten in torch's (C, H, W) order so the first fc's kernel rows line up with the PyTorch
@@ -103,7 +99,7 @@ class C4Head(nn.Module):
       width: ResNet base width (res5 bottleneck width is 8 * width).
       mlp_dim, out_dim: projection widths.
       dtype: compute dtype.
-      bn_axis_name, bn_num_groups, bn_momentum: BatchNorm settings (see `models/norm.py`).
+      bn: BatchNorm settings shared with the rest of the encoder.
     """
 
     depth: int = 50
@@ -111,16 +107,11 @@ class C4Head(nn.Module):
     mlp_dim: int = 2048
     out_dim: int = 128
     dtype: Any = jnp.float32
-    bn_axis_name: Optional[str] = None
-    bn_num_groups: int = 1
-    bn_momentum: float = 0.9
+    bn: BNSettings = BNSettings()
 
     def setup(self):
         block, blocks = STAGE_BLOCKS[self.depth]
-        self.layer4 = ResStage(
-            block, blocks[3], self.width * 8, 2, self.dtype, self.bn_axis_name, self.bn_num_groups,
-            self.bn_momentum,
-        )
+        self.layer4 = ResStage(block, blocks[3], self.width * 8, 2, self.dtype, self.bn)
         self.projection = ProjectionMLP(self.mlp_dim, self.out_dim, self.dtype)
 
     def res5(self, x: jax.Array, train: bool) -> jax.Array:

@@ -5,6 +5,7 @@ does. flax's "SAME" padding would pad strided convolutions asymmetrically on eve
 the 7x7 stride-2 stem), which shifts every feature by a pixel relative to the PyTorch model.
 """
 
+import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
@@ -97,22 +98,30 @@ class ConvBN(nn.Module):
         return self.norm(name="bn")(x)
 
 
-def make_norm(
-    train: bool,
-    *,
-    dtype: Any = jnp.float32,
-    axis_name: Optional[str] = None,
-    num_groups: int = 1,
-    momentum: float = 0.9,
-) -> Callable[..., nn.Module]:
-    """Binds every BatchNorm setting but the name (eps 1e-5, torch momentum 0.1 by default).
+@dataclasses.dataclass(frozen=True)
+class BNSettings:
+    """The BatchNorm settings every normalised module of an encoder shares (see `models/norm.py`).
+
+    Frozen, hence hashable: a Flax module can hold it as one attribute.
+
+    Attributes:
+      axis_name: device axis for cross-device statistics (SyncBN), or None (per-device BN).
+      num_groups: ghost groups per device batch (one device emulating that many devices' BN).
+      momentum: flax-style running-average decay (0.9 = torch's 0.1).
+    """
+
+    axis_name: Optional[str] = None
+    num_groups: int = 1
+    momentum: float = 0.9
+
+
+def make_norm(train: bool, dtype: Any, bn: BNSettings) -> Callable[..., nn.Module]:
+    """Binds every BatchNorm setting but the name (eps 1e-5, as torch's default).
 
     Args:
       train: normalise with batch statistics and update the running ones (else use the running ones).
       dtype: output dtype of the norm.
-      axis_name: device axis for cross-device statistics, or None.
-      num_groups: ghost groups per device batch.
-      momentum: flax-style running-average decay.
+      bn: the shared settings.
 
     Returns:
       A constructor `norm(name=...)` of `insloc_jax.models.norm.BatchNorm`.
@@ -120,9 +129,9 @@ def make_norm(
     return functools.partial(
         BatchNorm,
         use_running_average=not train,
-        momentum=momentum,
+        momentum=bn.momentum,
         epsilon=1e-5,
         dtype=dtype,
-        axis_name=axis_name,
-        num_groups=num_groups,
+        axis_name=bn.axis_name,
+        num_groups=bn.num_groups,
     )

@@ -7,13 +7,13 @@ Convs are initialised normal(0, sqrt(2 / (k * k * out))), BatchNorm scale 1 and 
 BatchNorm is zero-initialised (REFERENCE section 2).
 """
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from insloc_jax.models.layers import conv, make_norm
+from insloc_jax.models.layers import BNSettings, conv, make_norm
 
 # depth -> (block kind, blocks per stage)
 STAGE_BLOCKS: Dict[int, Tuple[str, Sequence[int]]] = {
@@ -96,7 +96,7 @@ class ResStage(nn.Module):
       planes: bottleneck width (output channels are planes * expansion).
       stride: stride of the first block.
       dtype: compute dtype.
-      bn_axis_name, bn_num_groups, bn_momentum: BatchNorm settings (see `models/norm.py`).
+      bn: BatchNorm settings shared with the rest of the encoder.
     """
 
     block: str
@@ -104,17 +104,12 @@ class ResStage(nn.Module):
     planes: int
     stride: int
     dtype: Any = jnp.float32
-    bn_axis_name: Optional[str] = None
-    bn_num_groups: int = 1
-    bn_momentum: float = 0.9
+    bn: BNSettings = BNSettings()
 
     @nn.compact
     def __call__(self, x, train: bool):
         """[B, H, W, Cin] -> [B, H/stride, W/stride, planes * expansion]."""
-        norm = make_norm(
-            train, dtype=self.dtype, axis_name=self.bn_axis_name, num_groups=self.bn_num_groups,
-            momentum=self.bn_momentum,
-        )
+        norm = make_norm(train, self.dtype, self.bn)
         block_cls = BasicBlock if self.block == "basic" else Bottleneck
         for i in range(self.num_blocks):
             x = block_cls(self.planes, self.stride if i == 0 else 1, norm, self.dtype, name=str(i))(x)
@@ -129,16 +124,14 @@ class ResNet(nn.Module):
       num_stages: 4 (res2..res5) or 3 (stop after res4: the C4 backbone, whose res5 is the RoI head).
       width: channels of the stem and of the first stage's bottleneck (torchvision: 64).
       dtype: compute dtype (e.g. bfloat16); parameters and BatchNorm statistics stay float32.
-      bn_axis_name, bn_num_groups, bn_momentum: BatchNorm settings (see `models/norm.py`).
+      bn: BatchNorm settings shared with the rest of the encoder.
     """
 
     depth: int = 50
     num_stages: int = 4
     width: int = 64
     dtype: Any = jnp.float32
-    bn_axis_name: Optional[str] = None
-    bn_num_groups: int = 1
-    bn_momentum: float = 0.9
+    bn: BNSettings = BNSettings()
 
     @nn.compact
     def __call__(self, x, train: bool) -> Dict[str, jax.Array]:
@@ -155,10 +148,7 @@ class ResNet(nn.Module):
         if self.depth not in STAGE_BLOCKS:
             raise ValueError(f"ResNet depth must be one of {sorted(STAGE_BLOCKS)}, got {self.depth}")
         block, blocks = STAGE_BLOCKS[self.depth]
-        norm = make_norm(
-            train, dtype=self.dtype, axis_name=self.bn_axis_name, num_groups=self.bn_num_groups,
-            momentum=self.bn_momentum,
-        )
+        norm = make_norm(train, self.dtype, self.bn)
         x = x.astype(self.dtype)
         x = conv(self.width, 7, 2, dtype=self.dtype, name="conv1")(x)  # [B, H/2, W/2, width]
         x = nn.relu(norm(name="bn1")(x))
@@ -167,8 +157,8 @@ class ResNet(nn.Module):
         outputs = {}
         for i in range(self.num_stages):
             x = ResStage(
-                block, blocks[i], self.width * 2**i, 1 if i == 0 else 2, self.dtype,
-                self.bn_axis_name, self.bn_num_groups, self.bn_momentum, name=f"layer{i + 1}",
+                block, blocks[i], self.width * 2**i, 1 if i == 0 else 2, self.dtype, self.bn,
+                name=f"layer{i + 1}",
             )(x, train)
             outputs[f"res{i + 2}"] = x
         return outputs
