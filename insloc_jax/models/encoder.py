@@ -82,18 +82,18 @@ class Encoder(nn.Module):
     def setup(self):
         if self.arch not in ARCHS:
             raise ValueError(f"Encoder arch must be one of {ARCHS}, got {self.arch!r}")
-        bn = dict(
-            dtype=self.dtype, bn=BNSettings(self.bn_axis_name, self.bn_num_groups, self.bn_momentum)
-        )
-        self.backbone = ResNet(self.depth, 3 if self.arch == "c4" else 4, self.width, **bn)
+        # Compute dtype and BatchNorm settings, the same for every normalised part.
+        bn = BNSettings(self.bn_axis_name, self.bn_num_groups, self.bn_momentum)
+        shared = dict(dtype=self.dtype, bn=bn)
+        self.backbone = ResNet(self.depth, 3 if self.arch == "c4" else 4, self.width, **shared)
         if self.arch == "fpn":
-            self.neck = FPN(self.fpn_dim, **bn)
+            self.neck = FPN(self.fpn_dim, **shared)
             self.head = FPNBoxHead(
-                self.head_convs, self.head_conv_dim, self.head_fcs, self.head_fc_dim, self.dim, **bn,
+                self.head_convs, self.head_conv_dim, self.head_fcs, self.head_fc_dim, self.dim, **shared,
                 out_init_std=self.head_out_init_std,
             )
         elif self.arch == "c4":
-            self.head = C4Head(self.depth, self.width, self.mlp_dim, self.dim, **bn)
+            self.head = C4Head(self.depth, self.width, self.mlp_dim, self.dim, **shared)
         else:
             self.projection = ProjectionMLP(self.mlp_dim, self.dim, self.dtype)
 
