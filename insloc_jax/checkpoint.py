@@ -1,16 +1,22 @@
 """Orbax checkpoints of a run: save every N steps (async), keep the last few, restore the newest that reads.
 
-Checkpoints live in `<workdir>/checkpoints/<step>/`. Orbax writes each one to a temporary directory and
-renames it when complete, so a crash mid-save never leaves a half-written step that looks finished, and
-older steps are only deleted after a newer one has been committed.
+Checkpoints live in `<workdir>/checkpoints/<step>/`. Orbax writes each one to a temporary directory
+(`<step>.orbax-checkpoint-tmp-*`) and renames it when complete, so a crash mid-save never leaves a
+half-written step that looks finished (the temporary directory is ignored, and the next save of that step
+writes a new one), and older steps are only deleted after a newer one has been committed. A committed step
+that cannot be read is moved aside to `<step>.unreadable-<UTC time>` (never deleted: it may be someone's
+only copy), so that the resumed run can save that step again instead of failing on it forever.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -79,8 +85,44 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: PyTree) -> None:
-        """Starts saving `state` (host or device arrays, not replicated) as `step`; returns immediately."""
+        """Starts saving `state` (host or device arrays, not replicated) as `step`; returns immediately.
+
+        A directory of that step already there (one the run did not resume from: a copy that lost its
+        metadata, or a step written by another run) is moved aside first: Orbax would refuse to save over it,
+        and the run would fail at this step on every restart.
+        """
+        if self._step_dir_exists(step):
+            self.move_aside(step, "was in the way of a new save of that step")
         self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(int(step)))
+
+    def _step_dir_exists(self, step: int) -> bool:
+        """Whether `<step>/` exists, as process 0 sees it: all processes then agree on moving it aside."""
+        exists = os.path.exists(self._step_dir(step))
+        if jax.process_count() == 1:
+            return exists
+        return bool(multihost_utils.broadcast_one_to_all(np.asarray(exists, np.int32)))
+
+    def move_aside(self, step: int, why: str) -> str:
+        """Renames `<step>/` to `<step>.unreadable-<UTC time>` (process 0; the others wait) and forgets it.
+
+        Returns:
+          The new path (also logged as a warning with `why`).
+        """
+        prefix = f"{self._step_dir(step)}.unreadable-"
+        if jax.process_index() == 0:
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            os.rename(self._step_dir(step), prefix + stamp)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"insloc_jax: checkpoint {step} moved aside")
+        # The newest of that step's moved-aside copies is the one just made (the stamp sorts by time).
+        name = os.path.basename(prefix)
+        target = os.path.join(self.directory, max(f for f in os.listdir(self.directory) if f.startswith(name)))
+        self._manager.reload()
+        log.warning("checkpoint step %d %s; moved it aside to %s (nothing was deleted)", step, why, target)
+        return target
 
     def wait(self) -> None:
         """Blocks until any background save has been committed."""
@@ -116,14 +158,22 @@ class Checkpointer:
             return self._restore_one(abstract, step), step
         if not available:
             return None
+        unreadable = {}
         for candidate in reversed(available):
             try:
-                return self._restore_one(abstract, candidate), candidate
+                restored = self._restore_one(abstract, candidate)
             except _Unreadable as error:
                 log.warning("checkpoint step %d is unreadable (%s); trying an older one", candidate, error)
+                unreadable[candidate] = error
+                continue
+            # Only once an older step has been read: the run will save the unreadable steps' numbers again,
+            # which Orbax refuses while they are there.
+            for bad, error in unreadable.items():
+                self.move_aside(bad, f"is unreadable ({type(error.__cause__).__name__})")
+            return restored, candidate
         raise CheckpointError(
             f"none of the checkpoints {available} in {self.directory} could be read; move that directory "
-            "aside (nothing was deleted) and start again, or resume from a copy with --config.resume_from"
+            "aside (nothing was deleted) and start again, or resume from a copy with --config.train.resume_from"
         )
 
     def _restore_one(self, abstract: PyTree, step: int) -> PyTree:

@@ -75,22 +75,29 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def make_batches(config, derived, start_step: int) -> Iterator[Dict[str, np.ndarray]]:
-    """This host's batches [local_devices, per_device, ...] from `start_step` on (TensorFlow only here)."""
+def make_batches(config, derived, source, start_step: int) -> Iterator[Dict[str, np.ndarray]]:
+    """This host's batches [local_devices, per_device, ...] from `start_step` on (TensorFlow only here).
+
+    Args:
+      source: the opened training source (`open_training_source`).
+    """
     from insloc_jax.data.pipeline import make_pipeline
 
     d = config.data
     return make_pipeline(
-        source=config_lib.source_spec(config), mode=d.mode, canvas_size=d.canvas_size,
-        fg_size_range=tuple(d.fg_size_range), moco_size=d.moco_size, background_mode=d.background_mode, per_device_batch=derived.per_device_batch,
+        source=source, mode=d.mode, canvas_size=d.canvas_size, fg_size_range=tuple(d.fg_size_range),
+        moco_size=d.moco_size, background_mode=d.background_mode, per_device_batch=derived.per_device_batch,
         local_devices=jax.local_device_count(), process_index=jax.process_index(),
         process_count=jax.process_count(), seed=config.seed, start_step=start_step, augment_on=d.augment_on,
         shuffle_buffer=d.shuffle_buffer, num_threads=d.num_threads or None,
     )
 
 
-def count_examples(config: ml_collections.ConfigDict) -> int:
-    """Images in the training source (opens it; prepares the embedded dataset on first use)."""
+def open_training_source(config: ml_collections.ConfigDict):
+    """The training source (a `data.sources.Source`; the embedded dataset is generated on first use).
+
+    Opened once per run: opening builds tf.data functions, seconds even for a small set.
+    """
     from insloc_jax.data.sources import open_source
 
     spec = config_lib.source_spec(config)
@@ -100,7 +107,7 @@ def count_examples(config: ml_collections.ConfigDict) -> int:
         if jax.process_index() == 0:
             open_source(spec)
         multihost_utils.sync_global_devices("insloc_jax: data source ready")
-    return open_source(spec).num_examples
+    return open_source(spec)
 
 
 def restore_or_create(config, derived, checkpointer: Checkpointer) -> TrainState:
@@ -151,7 +158,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[int
 
 def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[int]) -> Dict:
     """`train` with the workdir held."""
-    derived = config_lib.derive(config, jax.device_count(), count_examples(config))
+    source = open_training_source(config)
+    derived = config_lib.derive(config, jax.device_count(), source.num_examples)
     encoder = config_lib.make_encoder(config)
     tx, schedule = config_lib.make_optimizer(config, derived)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
@@ -168,7 +176,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[in
     )
     step_fn = compile_step(per_device, config.train.parallel)
     state = parallel.replicate(state)
-    batches = parallel.prefetch_to_device(make_batches(config, derived, start), size=2)
+    batches = parallel.prefetch_to_device(make_batches(config, derived, source, start), size=2)
     writer = MetricWriter(workdir, derived.total_steps, start, derived.global_batch)
     probe = _periodic_probe(config, workdir)
     result = {"step": start, "metrics": {}, "stopped_by": None}

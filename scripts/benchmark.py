@@ -205,9 +205,10 @@ def trace_steps(step, state, batch, directory: str, row: dict, steps: int = 2) -
 def end_to_end(config, derived, step_fn, state, steps: int, warmup: int):
     """(samples/s per device fed by the input pipeline, samples/s per device of the pipeline alone)."""
     from insloc_jax import parallel
-    from insloc_jax.train import make_batches
+    from insloc_jax.train import make_batches, open_training_source
 
-    batches = parallel.prefetch_to_device(make_batches(config, derived, 0), size=2)
+    source = open_training_source(config)
+    batches = parallel.prefetch_to_device(make_batches(config, derived, source, 0), size=2)
     metrics = None
     for _ in range(warmup):
         state, metrics = step_fn(state, next(batches))
@@ -217,7 +218,7 @@ def end_to_end(config, derived, step_fn, state, steps: int, warmup: int):
         state, metrics = step_fn(state, next(batches))
     jax.block_until_ready((state, metrics))
     fed = steps * derived.per_device_batch / (time.perf_counter() - start)
-    host = make_batches(config, derived, warmup + steps)
+    host = make_batches(config, derived, source, warmup + steps)
     next(host)
     start = time.perf_counter()
     for _ in range(steps):

@@ -49,7 +49,41 @@ def test_corrupt_latest_falls_back_to_previous_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         state, step = ckpt.restore(_state(0))
     assert step == 1 and int(state["step"]) == 1
-    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    moved = [name for name in os.listdir(tmp_path) if name.startswith("2.unreadable-")]
+    assert len(moved) == 1 and not (tmp_path / "2").exists()
+    assert any(moved[0] in r.getMessage() and "nothing was deleted" in r.getMessage() for r in caplog.records)
+    # The moved step is no longer in the way: the resumed run saves step 2 again.
+    assert ckpt.steps() == [1]
+    ckpt.save(2, _state(5))
+    ckpt.wait()
+    assert ckpt.steps() == [1, 2]
+    np.testing.assert_array_equal(ckpt.restore(_state(0))[0]["params"]["w"], [5.0, 5.0, 5.0])
+    assert (tmp_path / moved[0]).is_dir()  # the unreadable copy is still there, as it was
+    ckpt.close()
+
+
+def test_an_uncommitted_directory_of_a_step_is_moved_aside_before_saving_it(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), keep=3, async_save=False)
+    ckpt.save(1, _state(1))
+    (tmp_path / "2").mkdir()  # e.g. a copy that lost its metadata
+    (tmp_path / "2" / "stray").write_text("kept")
+    ckpt.save(2, _state(2))
+    assert ckpt.steps() == [1, 2]
+    moved = [name for name in os.listdir(tmp_path) if name.startswith("2.unreadable-")]
+    assert len(moved) == 1 and (tmp_path / moved[0] / "stray").read_text() == "kept"
+    ckpt.close()
+
+
+def test_when_no_step_reads_nothing_is_moved(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), keep=3, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, _state(step))
+    for step in ("1", "2"):
+        _corrupt(tmp_path / step)
+    with pytest.raises(CheckpointError, match="none of the checkpoints \\[1, 2\\].*--config.train.resume_from"):
+        ckpt.restore(_state(0))
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+    ckpt.close()
 
 
 def test_dataclass_state_round_trip(tmp_path):

@@ -31,13 +31,13 @@ from typing import Optional, Sequence
 import tensorflow as tf
 
 from insloc_jax.data import order, seeds, views
-from insloc_jax.data.sources import open_source
+from insloc_jax.data.sources import Source, open_source
 
 MODES = ("insloc", "moco")
 BACKGROUND_MODES = ("stream", "dataset")
 
 
-def make_pipeline(*, source: dict, mode: str = "insloc", canvas_size: int = 256,
+def make_pipeline(*, source, mode: str = "insloc", canvas_size: int = 256,
                   fg_size_range: Sequence[int] = (128, 255), moco_size: int = 224,
                   background_mode: str = "stream", stream_group: int = 16, per_device_batch: int,
                   local_devices: int, process_index: int = 0, process_count: int = 1, seed: int = 0,
@@ -47,7 +47,8 @@ def make_pipeline(*, source: dict, mode: str = "insloc", canvas_size: int = 256,
     """Builds the batch iterator (see the module docstring for the batch layout).
 
     Args:
-      source: a source spec for `sources.open_source`, e.g. {"kind": "synthetic", "data_dir": "/tmp/d"}.
+      source: a source spec for `sources.open_source`, e.g. {"kind": "synthetic", "data_dir": "/tmp/d"},
+        or a Source it opened.
       mode: "insloc" (copy-paste composites) or "moco" (two RandomResizedCrop views of the whole image).
       canvas_size: side of the InsLoc canvas.
       fg_size_range: (low, high) of the pasted foreground's target size, integers in [low, high).
@@ -70,7 +71,7 @@ def make_pipeline(*, source: dict, mode: str = "insloc", canvas_size: int = 256,
       A Batches iterator of dict[str, np.ndarray].
     """
     _check(mode, background_mode, augment_on, stream_group, canvas_size, fg_size_range)
-    src = open_source(source)
+    src = source if isinstance(source, Source) else open_source(source)
     batch = per_device_batch * local_devices
     root = seeds.root(seed, process_index)
     start = start_step * batch
