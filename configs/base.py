@@ -50,12 +50,22 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = ml_collections.ConfigDict()
+    # Every field of every kind is here, so any config can be pointed at any source by flags
+    # (--config.data.source.kind=folder --config.data.source.root=DIR); each kind reads only its own fields
+    # (insloc_jax.data.sources.SPEC_FIELDS).
     c.data.source.kind = "tfds"  # tfds | folder | file_list | synthetic
     c.data.source.name = "imagenet2012"  # tfds: dataset name
     c.data.source.split = "train"  # tfds / synthetic: split
     c.data.source.data_dir = ""  # tfds / synthetic: data directory ("" = tfds default ~/tensorflow_datasets)
+    c.data.source.image_key = "image"  # tfds: the feature holding the image
+    c.data.source.in_memory = False  # tfds: hold the encoded split in memory (only for sets well under 2 GB)
     c.data.source.root = ""  # folder / file_list: image root
     c.data.source.list_file = ""  # file_list: "relative/path [label]" per line
+    c.data.source.image_size = 112  # synthetic: image side
+    c.data.source.num_train = 4096  # synthetic: images in the train split
+    c.data.source.num_test = 512  # synthetic: images in the held-out test split
+    c.data.source.num_classes = 10  # synthetic: classes (labels for the probes)
+    c.data.source.seed = 0  # synthetic: generation seed (the dataset, not the run)
     c.data.mode = "insloc"  # insloc (copy-paste composites) | moco (two RandomResizedCrop views)
     c.data.canvas_size = 256  # InsLoc composite side
     c.data.fg_size_range = (128, 255)  # pasted foreground target size, integers in [low, high)
@@ -87,6 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 64  # images per forward pass
     c.eval.fit_fraction = 0.5  # share of held-out instances the box-regression probe is fitted on
     c.eval.jitters = 4  # jittered starting boxes per composite in the box-regression probe
+    c.eval.report_num_test = 512  # train.report: held-out images of its retrieval and kNN probes
+    c.eval.report_num_bank = 1024  # train.report: kNN memory-bank images (also re-estimate BatchNorm)
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch = 256  # all devices of all hosts together
@@ -97,7 +109,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
     c.train.keep_checkpoints = 3  # newest checkpoints kept
     c.train.resume_from = ""  # a checkpoint directory to start from when the workdir has none
-    c.train.export_format = ""  # torchvision | mmdet | detectron2: also export at the end; "" = no
+    # torchvision | mmdet | detectron2: when the run finishes, also write the last step's query encoder to
+    # <workdir>/export/step_<N>.<format>.{pth,pkl} (as `python -m insloc_jax.export`); "" = no
+    c.train.export_format = ""
+    # When the run finishes, print a report: seconds per phase, retrieval and kNN of the final weights next
+    # to random initialisation with a verdict (learned / did not learn), the outputs (insloc_jax/report.py)
+    c.train.report = False
     # Compiled steps kept on disk, so a resumed run skips XLA's compile (3.5 min for R50-FPN on an H200):
     # "auto" = <workdir>/compilation_cache, "" = off, else a directory (the training command only).
     c.train.compilation_cache = "auto"

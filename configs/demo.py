@@ -14,8 +14,6 @@ recipe keep a run this short healthy (BENCHMARKS.md, "Learning at demo scale"):
     towards chance.
 It is a smoke test of the whole method, not a pretraining recipe (for that, see the *_200ep configs).
 """
-import ml_collections
-
 from configs import base
 
 
@@ -31,9 +29,8 @@ def get_config():
     c.contrast.batch_negatives = True
     c.contrast.queue_fill_steps = 1  # queue_size / global_batch: the first step fills the queue
     c.contrast.momentum = 0.99  # a short run needs a faster-moving key encoder
-    c.data.source = ml_collections.ConfigDict(dict(
-        kind="synthetic", split="train", data_dir="data", image_size=112, num_train=4096, num_test=2048,
-        num_classes=10, seed=0))
+    c.data.source.update(kind="synthetic", data_dir="data", image_size=112, num_train=4096, num_test=2048,
+                         num_classes=10)
     # The probes use the whole held-out split: 2,048 items put one standard error of a paired kNN or
     # retrieval difference near 0.01 (0.02 with 512).
     c.eval.num_test = 0
@@ -47,4 +44,6 @@ def get_config():
     c.train.total_steps = 600  # the loss stays near chance for ~250 steps while the head comes apart (README)
     c.train.log_every = 10
     c.train.checkpoint_every = 200
+    c.train.export_format = "detectron2"  # runs/demo/export/step_600.detectron2.pkl
+    c.train.report = True  # ends with phase times, probes against random init, a verdict and the outputs
     return c

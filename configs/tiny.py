@@ -1,7 +1,5 @@
 """The tiny InsLoc-FPN run the tests use: a few-channel ResNet-18 on 64x64 composites of the embedded
 dataset, 16 samples per step. Builds and steps in seconds on a CPU; it learns nothing useful."""
-import ml_collections
-
 from configs import base
 
 
@@ -9,9 +7,8 @@ def get_config():
     c = base.get_config()
     c.model.update(depth=18, width=8, dim=16, fpn_dim=16, head_conv_dim=16, head_fc_dim=32, mlp_dim=32)
     c.contrast.queue_size = 64
-    c.data.source = ml_collections.ConfigDict(dict(
-        kind="synthetic", split="train", data_dir="/tmp/insloc_jax_data", image_size=48, num_train=64,
-        num_test=16, num_classes=4, seed=0))
+    c.data.source.update(kind="synthetic", data_dir="/tmp/insloc_jax_data", image_size=48, num_train=64,
+                         num_test=16, num_classes=4)
     c.data.canvas_size = 64
     c.data.fg_size_range = (32, 63)
     c.data.moco_size = 48

@@ -119,8 +119,18 @@ def derive(config: ml_collections.ConfigDict, num_devices: int, num_examples: in
 
 
 def source_spec(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-    """The data source dict for `data.sources.open_source`: the config's non-empty source fields."""
-    return {k: v for k, v in config.data.source.to_dict().items() if v not in ("", None)}
+    """The data source dict for `data.sources.open_source`: the kind and its own non-empty fields.
+
+    Raises:
+      ConfigError: an unknown data.source.kind.
+    """
+    from insloc_jax.data.sources import SPEC_FIELDS
+
+    source = config.data.source
+    if source.kind not in SPEC_FIELDS:
+        raise ConfigError(f"data.source.kind must be one of {sorted(SPEC_FIELDS)}, got {source.kind!r}")
+    fields = {k: source.get(k) for k in SPEC_FIELDS[source.kind]}
+    return {"kind": source.kind, **{k: v for k, v in fields.items() if v not in ("", None)}}
 
 
 def encoder_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:

@@ -115,7 +115,7 @@ def _flat_views(x: np.ndarray) -> np.ndarray:
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def score_probes(extractors, variables, data: ProbeData, settings: Settings):
+def score_probes(extractors, variables, data: ProbeData, settings: Settings, box_probe: bool = True):
     """The three probes on prepared data, as summary metrics and as per-item scores.
 
     Args:
@@ -123,6 +123,7 @@ def score_probes(extractors, variables, data: ProbeData, settings: Settings):
       variables: the query encoder's {"params", "batch_stats"}.
       data: `load_probe_data` output.
       settings: probe settings (batch size, fit fraction).
+      box_probe: also fit and score the box-regression probe (False: retrieval and kNN only, the cheap two).
 
     Returns:
       (metrics, items). metrics: {"retrieval_top1", "retrieval_chance", "knn_top1" (sources with labels),
@@ -145,26 +146,38 @@ def score_probes(extractors, variables, data: ProbeData, settings: Settings):
         m = data.num_bank
         items["knn_top1"] = probes.knn_hits(whole[:m], data.labels[:m], whole[m:], data.labels[m:],
                                             int(data.labels.max()) + 1).astype(np.float64)
+    alpha = None
+    if box_probe:
+        box_items, alpha = _box_probe_items(feats["regress"], data, settings)
+        items.update(box_items)
+    # Every scored instance has the same number of rows, so these equal the means over rows.
+    metrics = {name: float(np.mean(scores)) for name, scores in items.items()}
+    metrics["retrieval_chance"] = 1.0 / n
+    if box_probe:
+        metrics["box_iou_gain"] = metrics["box_iou_after"] - metrics["box_iou_before"]
+        metrics["box_ridge_alpha"] = alpha
+    metrics["eval_seconds"] = time.perf_counter() - start
+    return metrics, items
+
+
+def _box_probe_items(regress: np.ndarray, data: ProbeData, settings: Settings):
+    """({"box_iou_before", "box_iou_after", "box_iou_geometry"}: [N_s] mean IoU per scored instance, the
+    ridge alpha) from the [2N, J, D] jittered-box grid features."""
+    n = data.boxes.shape[1]
     # One probe row per (view, instance, jitter), in the features' order; fitted and scored by instance.
     jitters = data.jittered.shape[2]
     instance = np.tile(np.repeat(np.arange(n), jitters), 2)  # [2 * N * J]
     jittered = data.jittered.reshape(-1, 4).astype(np.float64)
     true = np.repeat(data.boxes.reshape(-1, 4), jitters, axis=0).astype(np.float64)
     fit = instance < max(1, int(round(settings.fit_fraction * n)))
-    before, after, alpha = probes.box_regression_ious(feats["regress"].reshape(len(instance), -1), jittered,
+    before, after, alpha = probes.box_regression_ious(regress.reshape(len(instance), -1), jittered,
                                                       true, fit=fit, groups=instance)
     # The same probe on the jittered box's coordinates alone: what the layout prior gives without the image.
     _, layout, _ = probes.box_regression_ious(probes.box_geometry(jittered, data.composites.shape[2]),
                                               jittered, true, fit=fit, groups=instance)
-    for name, ious in (("box_iou_before", before), ("box_iou_after", after), ("box_iou_geometry", layout)):
-        items[name] = probes.group_means(ious, instance[~fit])
-    # Every scored instance has the same number of rows, so these equal the means over rows.
-    metrics = {name: float(np.mean(scores)) for name, scores in items.items()}
-    metrics["retrieval_chance"] = 1.0 / n
-    metrics["box_iou_gain"] = metrics["box_iou_after"] - metrics["box_iou_before"]
-    metrics["box_ridge_alpha"] = alpha
-    metrics["eval_seconds"] = time.perf_counter() - start
-    return metrics, items
+    scored = instance[~fit]
+    names = ("box_iou_before", "box_iou_after", "box_iou_geometry")
+    return {name: probes.group_means(ious, scored) for name, ious in zip(names, (before, after, layout))}, alpha
 
 
 def evaluate(config: ml_collections.ConfigDict, variables, source: Optional[Dict[str, Any]] = None,

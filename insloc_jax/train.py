@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import time
 from typing import Dict, Iterator, Optional
 
 import jax
@@ -28,6 +29,7 @@ from insloc_jax import config as config_lib
 from insloc_jax import parallel, workdir_lock
 from insloc_jax.checkpoint import CheckpointError, Checkpointer
 from insloc_jax.metrics import MetricWriter
+from insloc_jax.report import Phases
 from insloc_jax.state import TrainState, initial_state
 from insloc_jax.step import compile_step, train_step
 
@@ -158,34 +160,93 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[int
 
 def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[int]) -> Dict:
     """`train` with the workdir held."""
-    source = open_training_source(config)
-    derived = config_lib.derive(config, jax.device_count(), source.num_examples)
-    encoder = config_lib.make_encoder(config)
-    tx, schedule = config_lib.make_optimizer(config, derived)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-    state = restore_or_create(config, derived, checkpointer)
-    # Written only once the config has proved usable with the workdir's checkpoints, so a bad config never
-    # replaces the record of the run that is there.
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    start = int(state.step)
-    per_device = functools.partial(
-        train_step, encoder=encoder, tx=tx, schedule=schedule,
-        anchors=config_lib.anchors(config, derived.image_size), config=config_lib.step_config(config),
-    )
-    step_fn = compile_step(per_device, config.train.parallel)
-    state = parallel.replicate(state)
-    batches = parallel.prefetch_to_device(make_batches(config, derived, source, start), size=2)
-    writer = MetricWriter(workdir, derived.total_steps, start, derived.global_batch)
-    probe = _periodic_probe(config, workdir)
+    phases = Phases()
+    with phases("dataset"):
+        source = open_training_source(config)
+    with phases("setup"):
+        derived = config_lib.derive(config, jax.device_count(), source.num_examples)
+        encoder = config_lib.make_encoder(config)
+        tx, schedule = config_lib.make_optimizer(config, derived)
+        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+        state = restore_or_create(config, derived, checkpointer)
+        # Written only once the config has proved usable with the workdir's checkpoints, so a bad config
+        # never replaces the record of the run that is there.
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config.to_json_best_effort(indent=2))
+        start = int(state.step)
+        per_device = functools.partial(
+            train_step, encoder=encoder, tx=tx, schedule=schedule,
+            anchors=config_lib.anchors(config, derived.image_size), config=config_lib.step_config(config),
+        )
+        step_fn = compile_step(per_device, config.train.parallel)
+        state = parallel.replicate(state)
+        batches = parallel.prefetch_to_device(make_batches(config, derived, source, start), size=2)
+        writer = MetricWriter(workdir, derived.total_steps, start, derived.global_batch)
+        probe = _periodic_probe(config, workdir)
     result = {"step": start, "metrics": {}, "stopped_by": None}
     try:
-        _loop(config, derived, state, step_fn, batches, checkpointer, writer, result, stop_at, probe)
+        _loop(config, derived, state, step_fn, batches, checkpointer, writer, result, stop_at, probe, phases)
     finally:
         checkpointer.close()  # commits any pending good checkpoint, also when the loop raised
         writer.close()
+    if result["stopped_by"] is None and jax.process_index() == 0:
+        finish_run(config, workdir, result, phases)
     return result
+
+
+def finish_run(config, workdir: str, result: Dict, phases: Phases) -> None:
+    """What a finished run does last (process 0): `train.export_format`, then `train.report`.
+
+    Adds "export" (the written file) and "report" (the printed text) to `result`.
+    """
+    outputs = {"checkpoint": os.path.join(workdir, "checkpoints", str(result["step"]))}
+    if config.train.export_format:
+        with phases("export"):
+            result["export"] = export_at_end(config.train.export_format, workdir, result["step"])
+        outputs["export"] = result["export"]
+    if not config.train.report:
+        return
+    from insloc_jax import report
+
+    with phases("probe"):
+        rows, why_not = _report_probes(config, workdir)
+    outputs.update(metrics=os.path.join(workdir, "metrics.jsonl"),
+                   tensorboard=f"tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
+    curve = report.loss_curve(workdir)
+    if curve:
+        outputs["loss curve"] = curve
+    result["report"] = report.format_report(phases, rows, why_not or report.verdict(rows), outputs)
+
+
+def _report_probes(config, workdir: str):
+    """(probe rows of `report.compare_with_random`, None) or ([], why the probes were skipped)."""
+    from insloc_jax import report
+    from insloc_jax.state import load_query_variables
+
+    if config.data.source.kind in ("folder", "file_list"):
+        return [], "no verdict: a folder or file-list source has no held-out split to probe"
+    variables, _, _ = load_query_variables(workdir, config=config)
+    try:
+        return report.compare_with_random(config, variables), None
+    except FileNotFoundError as error:  # e.g. a tfds set without the eval.test_split split
+        return [], f"no verdict: the probes could not read their data ({error})"
+
+
+def export_at_end(fmt: str, workdir: str, step: int) -> str:
+    """Writes `<workdir>/export/step_<step>.<fmt>.{pth,pkl}` (kept if it is already there); returns its path."""
+    from insloc_jax import export
+
+    if fmt not in export.FORMATS:
+        raise config_lib.ConfigError(f"train.export_format must be one of {export.FORMATS} or '', got {fmt!r}")
+    path = os.path.join(workdir, "export", f"step_{step}.{fmt}.{'pkl' if fmt == 'detectron2' else 'pth'}")
+    if os.path.exists(path):
+        log.info("%s is already there; kept", path)
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _, _, count = export.export_run(workdir, fmt, path, step=step)
+    log.info("wrote %d tensors of step %d to %s (%s)", count, step, path, fmt)
+    return path
 
 
 def _periodic_probe(config, workdir: str):
@@ -200,35 +261,50 @@ def _periodic_probe(config, workdir: str):
     return lambda step, state: evaluator(step, query_variables(state))
 
 
-def _loop(config, derived, state, step_fn, batches, checkpointer, writer, result, stop_at, probe=None):
-    """The steps: log, NaN-check, checkpoint and probe on schedule; stop on a signal or at `stop_at`."""
+def _loop(config, derived, state, step_fn, batches, checkpointer, writer, result, stop_at, probe=None,
+          phases=None):
+    """The steps: log, NaN-check, checkpoint and probe on schedule; stop on a signal or at `stop_at`.
+
+    `phases` receives "compile" (until the first step is done: it carries the compile) and "train" (the
+    other steps).
+    """
+    phases = phases or Phases()
     last_good = result["step"]
-    with _StopFlag() as stop:
-        for step in range(result["step"] + 1, derived.total_steps + 1):
-            state, metrics = step_fn(state, next(batches))
-            writer.advance()
-            result["step"] = step
-            due_log = step % config.train.log_every == 0 or step == derived.total_steps
-            due_save = step % config.train.checkpoint_every == 0 or step == derived.total_steps
-            signalled = _stop_agreed(step, stop.signal is not None)
-            stopping = signalled or step == stop_at
-            if due_log or due_save or stopping:
-                scalars = {k: float(v) for k, v in parallel.unreplicate(metrics).items()}
-                _check_finite(scalars, step, last_good, checkpointer)
-                last_good = step
-                result["metrics"] = writer.write(step, scalars) if due_log else scalars
-            due_probe = probe is not None and step % config.eval.every_steps == 0
-            # One device-to-host copy serves both the checkpoint and the probes.
-            host_state = parallel.unreplicate(state) if due_save or stopping or due_probe else None
-            if due_save or stopping:
-                if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host_state.params)):
-                    _check_finite({"params": math.nan}, step, step - 1, checkpointer)
-                checkpointer.save(step, host_state)
-            if due_probe:
-                log.info("step %d probes: %s", step, probe(step, host_state))
-            if stopping:
-                result["stopped_by"] = "signal" if signalled else "stop_at"
-                return
+    start, first_done = time.perf_counter(), None
+    try:
+        with _StopFlag() as stop:
+            for step in range(result["step"] + 1, derived.total_steps + 1):
+                state, metrics = step_fn(state, next(batches))
+                if first_done is None:
+                    jax.block_until_ready(metrics)
+                    first_done = time.perf_counter()
+                writer.advance()
+                result["step"] = step
+                due_log = step % config.train.log_every == 0 or step == derived.total_steps
+                due_save = step % config.train.checkpoint_every == 0 or step == derived.total_steps
+                signalled = _stop_agreed(step, stop.signal is not None)
+                stopping = signalled or step == stop_at
+                if due_log or due_save or stopping:
+                    scalars = {k: float(v) for k, v in parallel.unreplicate(metrics).items()}
+                    _check_finite(scalars, step, last_good, checkpointer)
+                    last_good = step
+                    result["metrics"] = writer.write(step, scalars) if due_log else scalars
+                due_probe = probe is not None and step % config.eval.every_steps == 0
+                # One device-to-host copy serves both the checkpoint and the probes.
+                host_state = parallel.unreplicate(state) if due_save or stopping or due_probe else None
+                if due_save or stopping:
+                    if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(host_state.params)):
+                        _check_finite({"params": math.nan}, step, step - 1, checkpointer)
+                    checkpointer.save(step, host_state)
+                if due_probe:
+                    log.info("step %d probes: %s", step, probe(step, host_state))
+                if stopping:
+                    result["stopped_by"] = "signal" if signalled else "stop_at"
+                    return
+    finally:
+        if first_done is not None:
+            phases.add("compile", first_done - start)
+            phases.add("train", time.perf_counter() - first_done)
 
 
 def _define_flags():
@@ -279,7 +355,10 @@ def main(argv):
         # FileNotFoundError whose message says how to prepare it).
         raise SystemExit(f"error: {error}") from None
     if jax.process_index() == 0:
+        report = result.pop("report", None)
         print(json.dumps(result))
+        if report:
+            print(report)
 
 
 if __name__ == "__main__":

@@ -138,3 +138,17 @@ def test_synthetic_instances_of_a_class_differ_and_labels_cover_classes():
         diffs = [np.abs(members[i] - members[j]).mean() for i in range(len(members)) for j in range(i)]
         assert min(diffs) > 8  # no two instances are near-duplicates (mean gap of 8+ gray levels)
     np.testing.assert_array_equal(synthetic.generate_image(0, 0, 5, 64, 4)[0], draws[5][0])
+
+
+def test_synthetic_generation_on_every_core_draws_the_same_images_in_order(monkeypatch):
+    import functools
+
+    monkeypatch.setattr(synthetic, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(synthetic.os, "cpu_count", lambda: 2)  # two workers even on a one-core machine
+    draw = functools.partial(synthetic._draw_indexed, 3, 1, 24, 4)
+    parallel = list(synthetic._map_in_parallel(draw, 5))
+    assert [i for i, _, _ in parallel] == list(range(5))
+    for i, image, label in parallel:
+        expected, expected_label = synthetic.generate_image(3, 1, i, 24, 4)
+        np.testing.assert_array_equal(image, expected)
+        assert label == expected_label

@@ -37,6 +37,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# The spec fields each kind reads (configs carry all of them: `config.source_spec` keeps the kind's own).
+SPEC_FIELDS = {
+    "synthetic": ("data_dir", "split", "image_size", "num_train", "num_test", "num_classes", "seed"),
+    "tfds": ("name", "split", "data_dir", "image_key", "in_memory"),
+    "folder": ("root",),
+    "file_list": ("list_file", "root"),
+}
 IN_MEMORY_BATCH = 1024
 
 
@@ -110,6 +117,9 @@ def open_source(spec: dict) -> Source:
                "file_list": _open_file_list}
     if kind not in openers:
         raise ValueError(f"unknown source kind {kind!r}; expected one of {sorted(openers)}")
+    unknown = sorted(set(spec) - set(SPEC_FIELDS[kind]))
+    if unknown:
+        raise ValueError(f"a {kind} source has no fields {unknown}; it reads {list(SPEC_FIELDS[kind])}")
     return openers[kind](**spec)
 
 
