@@ -133,13 +133,16 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
-    def restore(self, target: PyTree, step: Optional[int] = None) -> Optional[Tuple[PyTree, int]]:
+    def restore(self, target: PyTree, step: Optional[int] = None,
+                move_unreadable: bool = True) -> Optional[Tuple[PyTree, int]]:
         """Restores a checkpoint shaped like `target`.
 
         Args:
           target: a state (or its `abstract_like`) with the structure, shapes and dtypes to restore into.
           step: a specific step; None means the newest checkpoint that reads, falling back to older ones
             with a warning when the newest is corrupt.
+          move_unreadable: with step None, move the unreadable steps newer than the one restored aside
+            (`move_aside`), so that this run can save those steps again.
 
         Returns:
           (state, step), or None when the directory holds no checkpoint and no step was asked for.
@@ -167,8 +170,9 @@ class Checkpointer:
                 unreadable[candidate] = error
                 continue
             # Only once an older step has been read: the run will save the unreadable steps' numbers again,
-            # which Orbax refuses while they are there.
-            for bad, error in unreadable.items():
+            # which Orbax refuses while they are there. Another run's directory (train.resume_from) is
+            # only read.
+            for bad, error in unreadable.items() if move_unreadable else ():
                 self.move_aside(bad, f"is unreadable ({type(error.__cause__).__name__})")
             return restored, candidate
         raise CheckpointError(

@@ -105,6 +105,7 @@ def derive(config: ml_collections.ConfigDict, num_devices: int, num_examples: in
                           f"train.global_batch={global_batch}")
     if config.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
+    check_export_format(config.train.get("export_format", ""))
     steps_per_epoch = max(1, num_examples // global_batch)
     total = config.train.total_steps or steps_per_epoch * config.optim.epochs
     image_size = config.data.moco_size if config.data.mode == "moco" else config.data.canvas_size
@@ -116,6 +117,15 @@ def derive(config: ml_collections.ConfigDict, num_devices: int, num_examples: in
         total_steps=total,
         image_size=image_size,
     )
+
+
+def check_export_format(fmt: str) -> None:
+    """Raises ConfigError unless `train.export_format` is "" or a format of `insloc_jax.export` (checked
+    before training, not after it)."""
+    from insloc_jax.export import FORMATS
+
+    if fmt not in ("",) + FORMATS:
+        raise ConfigError(f"train.export_format must be one of {FORMATS} or '' (no export), got {fmt!r}")
 
 
 def source_spec(config: ml_collections.ConfigDict) -> Dict[str, Any]:

@@ -118,7 +118,8 @@ def restore_or_create(config, derived, checkpointer: Checkpointer) -> TrainState
     target = initial_state(config, derived, abstract=True)
     restored = checkpointer.restore(target)
     if restored is None and config.train.resume_from:
-        restored = Checkpointer(config.train.resume_from, async_save=False).restore(target)
+        other_run = Checkpointer(config.train.resume_from, async_save=False)
+        restored = other_run.restore(target, move_unreadable=False)
         if restored is None:
             raise FileNotFoundError(f"train.resume_from={config.train.resume_from} holds no checkpoint")
     if restored is None:
@@ -237,8 +238,7 @@ def export_at_end(fmt: str, workdir: str, step: int) -> str:
     """Writes `<workdir>/export/step_<step>.<fmt>.{pth,pkl}` (kept if it is already there); returns its path."""
     from insloc_jax import export
 
-    if fmt not in export.FORMATS:
-        raise config_lib.ConfigError(f"train.export_format must be one of {export.FORMATS} or '', got {fmt!r}")
+    config_lib.check_export_format(fmt)
     path = os.path.join(workdir, "export", f"step_{step}.{fmt}.{'pkl' if fmt == 'detectron2' else 'pth'}")
     if os.path.exists(path):
         log.info("%s is already there; kept", path)

@@ -6,6 +6,8 @@ holds the process still so that the test can strike at a known moment:
     blocks forever, so that a kill leaves a half-written `<step>.orbax-checkpoint-tmp-*` behind;
   * "pause_at_step:N": after the metric write of step N (the step done, its successor not started) the
     process waits until the test removes the marker (at most two minutes), so a signal arrives mid-run.
+  * "nan_at_step:N": the batch of step N carries NaN colour-jitter factors, so that step's loss is NaN
+    (a non-finite loss without another learning rate, hence without another compiled program).
 Everything else is the training command, unchanged.
 """
 import asyncio
@@ -13,6 +15,8 @@ import os
 import runpy
 import sys
 import time
+
+import numpy as np
 
 
 def _announce() -> None:
@@ -47,12 +51,30 @@ def _pause_at_step(step: int) -> None:
     metrics.MetricWriter.write = paused_write
 
 
+def _nan_at_step(step: int) -> None:
+    # The pipeline module, not the training module: the command runs as a fresh __main__ that looks
+    # `make_pipeline` up in its module at each call.
+    from insloc_jax.data import pipeline
+
+    make_pipeline = pipeline.make_pipeline
+
+    def poisoned(**kwargs):
+        for at, batch in enumerate(make_pipeline(**kwargs), kwargs["start_step"] + 1):
+            if at == step:
+                batch = dict(batch, aug1_factors=np.full_like(batch["aug1_factors"], np.nan))
+            yield batch
+
+    pipeline.make_pipeline = poisoned
+
+
 def main() -> None:
     fault = os.environ["INSLOC_FAULT"]
     if fault == "hang_in_commit":
         _hang_in_commit()
     elif fault.startswith("pause_at_step:"):
         _pause_at_step(int(fault.split(":")[1]))
+    elif fault.startswith("nan_at_step:"):
+        _nan_at_step(int(fault.split(":")[1]))
     else:
         raise SystemExit(f"unknown INSLOC_FAULT {fault!r}")
     sys.argv = ["insloc_jax.train", *sys.argv[1:]]

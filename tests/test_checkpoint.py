@@ -62,6 +62,16 @@ def test_corrupt_latest_falls_back_to_previous_with_a_warning(tmp_path, caplog):
     ckpt.close()
 
 
+def test_another_runs_directory_is_only_read(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), keep=3, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, _state(step))
+    _corrupt(tmp_path / "2")
+    state, step = Checkpointer(str(tmp_path), async_save=False).restore(_state(0), move_unreadable=False)
+    assert step == 1 and sorted(os.listdir(tmp_path)) == ["1", "2"]
+    ckpt.close()
+
+
 def test_an_uncommitted_directory_of_a_step_is_moved_aside_before_saving_it(tmp_path):
     ckpt = Checkpointer(str(tmp_path), keep=3, async_save=False)
     ckpt.save(1, _state(1))

@@ -17,9 +17,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _spawn(script, args):
-    """Starts a worker script with its own device count (XLA_FLAGS cleared), output captured."""
+def _spawn(script, args, cache_dir=None):
+    """Starts a worker script with its own device count (XLA_FLAGS cleared), output captured.
+
+    With `cache_dir`, the worker keeps its compiled programs there (JAX's persistent cache, every program),
+    so a second build of the same step in that process loads it instead of compiling again.
+    """
     env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2")
+    if cache_dir is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return subprocess.Popen([sys.executable, script] + [str(a) for a in args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -46,7 +52,8 @@ def test_training_command_on_two_processes_stops_together_and_resumes(tmp_path):
     """A SIGTERM reaching one process stops both at the same step with one shared checkpoint; rerunning
     resumes from it to the end."""
     port = _free_port()
-    procs = [_spawn(TRAIN_WORKER, [p, 2, port, tmp_path / "data", tmp_path / "run"]) for p in range(2)]
+    procs = [_spawn(TRAIN_WORKER, [p, 2, port, tmp_path / "data", tmp_path / "run"], tmp_path / f"xla{p}")
+             for p in range(2)]
     results = [_reported(proc, "RESULTS", timeout=500) for proc in procs]
     assert results[0] == results[1], "both processes stop, resume and finish at the same steps"
     stopped, finished = results[0]

@@ -80,5 +80,12 @@ def test_a_run_at_learning_rate_0_reports_it_did_not_learn_and_exports(tmp_path)
     assert "backbone.bottom_up.stem.conv1.weight" in pickle.load(open(exported, "rb"))["model"]
     assert str(tmp_path / "run" / "loss.png") in text and (tmp_path / "run" / "loss.png").exists()
     before = exported.read_bytes()
-    again = train.train(config, str(tmp_path / "run"))  # finished already: reports again, keeps the export
-    assert again["step"] == 6 and exported.read_bytes() == before
+    assert train.export_at_end("detectron2", str(tmp_path / "run"), 6) == str(exported)  # a rerun keeps it
+    assert exported.read_bytes() == before
+
+
+def test_a_folder_source_gets_no_verdict_instead_of_failing_after_training(tmp_path):
+    config = tiny.get_config()
+    config.data.source.update(kind="folder", root=str(tmp_path))
+    assert train._report_probes(config, str(tmp_path)) == (
+        [], "no verdict: a folder or file-list source has no held-out split to probe")
