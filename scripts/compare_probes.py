@@ -49,6 +49,9 @@ def method_config(base: ml_collections.ConfigDict, method: str, steps: int, eval
     config.train.total_steps = steps
     config.train.checkpoint_every = eval_every
     config.train.keep_checkpoints = steps // eval_every + 1  # keep every evaluated step
+    # This script probes every checkpoint itself and exports nothing; the demo's end-of-run extras are off.
+    config.train.report = False
+    config.train.export_format = ""
     return config
 
 
