@@ -61,10 +61,17 @@ class Run:
     def finish(self, timeout=300):
         """(exit status, stdout, stderr) once the process has ended."""
         rc = self.proc.wait(timeout)
-        return rc, open(self.workdir + ".stdout").read(), self.stderr()
+        self._out.close()
+        self._err.close()
+        return rc, _read(self.workdir + ".stdout"), self.stderr()
 
     def stderr(self):
-        return open(self.workdir + ".stderr").read()
+        return _read(self.workdir + ".stderr")
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
 
 
 def _finished(run):
