@@ -103,13 +103,13 @@ def open_training_source(config: ml_collections.ConfigDict):
     from insloc_jax.data.sources import open_source
 
     spec = config_lib.source_spec(config)
-    if jax.process_count() > 1:
-        # Process 0 prepares the source (the embedded dataset is generated on first use); the others
-        # wait for it rather than race it for the same directory.
-        if jax.process_index() == 0:
-            open_source(spec)
-        multihost_utils.sync_global_devices("insloc_jax: data source ready")
-    return open_source(spec)
+    if jax.process_count() == 1:
+        return open_source(spec)
+    # Process 0 prepares the source (the embedded dataset is generated on first use); the others wait for
+    # it rather than race it for the same directory, then open it themselves.
+    source = open_source(spec) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("insloc_jax: data source ready")
+    return source if source is not None else open_source(spec)
 
 
 def restore_or_create(config, derived, checkpointer: Checkpointer) -> TrainState:
@@ -261,14 +261,12 @@ def _periodic_probe(config, workdir: str):
     return lambda step, state: evaluator(step, query_variables(state))
 
 
-def _loop(config, derived, state, step_fn, batches, checkpointer, writer, result, stop_at, probe=None,
-          phases=None):
+def _loop(config, derived, state, step_fn, batches, checkpointer, writer, result, stop_at, probe, phases):
     """The steps: log, NaN-check, checkpoint and probe on schedule; stop on a signal or at `stop_at`.
 
     `phases` receives "compile" (until the first step is done: it carries the compile) and "train" (the
     other steps).
     """
-    phases = phases or Phases()
     last_good = result["step"]
     start, first_done = time.perf_counter(), None
     try:
