@@ -172,8 +172,9 @@ class Checkpointer:
             # Only once an older step has been read: the run will save the unreadable steps' numbers again,
             # which Orbax refuses while they are there. Another run's directory (train.resume_from) is
             # only read.
-            for bad, error in unreadable.items() if move_unreadable else ():
-                self.move_aside(bad, f"is unreadable ({type(error.__cause__).__name__})")
+            if move_unreadable:
+                for bad, error in unreadable.items():
+                    self.move_aside(bad, f"is unreadable ({type(error.__cause__).__name__})")
             return restored, candidate
         raise CheckpointError(
             f"none of the checkpoints {available} in {self.directory} could be read; move that directory "
