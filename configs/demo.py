@@ -2,7 +2,7 @@
 
 A ResNet-18 at half width whose res5 stage is the RoI head (RoIAlign 14x14 on res4, box augmentation on its
 one level) with a 256-wide projection MLP and 64-d embeddings, on 96x96 composites of the embedded images,
-32 samples per step, 300 steps. C4, not FPN: at this scale InsLoc-C4 tells held-out instances apart
+32 samples per step, 200 steps. C4, not FPN: at this scale InsLoc-C4 tells held-out instances apart
 soonest (BENCHMARKS.md, "Frozen-feature probes at demo scale"), while the FPN variant
 (`--config.model.arch=fpn "--config.box_aug.levels=(3,)"`, whose small FPN and head are set below), run for
 600 steps on the same 2-core machine, took 13 min 50 s and still fell short of the report's 3-standard-error
@@ -47,9 +47,9 @@ def get_config():
     c.optim.per_epoch = False
     c.optim.schedule = "constant"
     c.train.global_batch = 32
-    c.train.total_steps = 300
+    c.train.total_steps = 200
     c.train.log_every = 10
-    c.train.checkpoint_every = 100
-    c.train.export_format = "detectron2"  # runs/demo/export/step_300.detectron2.pkl
+    c.train.checkpoint_every = 200
+    c.train.export_format = "detectron2"  # runs/demo/export/step_200.detectron2.pkl
     c.train.report = True  # ends with phase times, probes against random init, a verdict and the outputs
     return c

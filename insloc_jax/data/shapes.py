@@ -4,6 +4,7 @@ All functions are numpy-only and take their randomness from an explicit np.rando
 defined on object coordinates (u, v) where the object's nominal radius is 1.
 """
 import colorsys
+from typing import Optional
 
 import numpy as np
 
@@ -16,31 +17,38 @@ def shape_mask(shape: int, u: np.ndarray, v: np.ndarray, aspect: float) -> np.nd
 
     Args:
       shape: index into SHAPES.
-      u, v: float [S, S] object coordinates.
+      u, v: float object coordinates of equal (or broadcastable) shapes, e.g. [S, S].
       aspect: horizontal stretch (1 = isotropic), an instance attribute.
 
     Returns:
-      bool [S, S].
+      bool array of the broadcast shape of u and v.
     """
     u = u / aspect
-    r = np.hypot(u, v)
-    theta = np.arctan2(v, u)
     name = SHAPES[shape]
-    if name == "disc":
-        return r <= 1.0
+    # Only what each shape needs is computed: the polar angle (arctan2) is the costliest term.
     if name == "square":
         return np.maximum(np.abs(u), np.abs(v)) <= 0.8
+    if name == "cross":
+        au, av = np.abs(u), np.abs(v)
+        return ((au <= 0.3) & (av <= 1.0)) | ((av <= 0.3) & (au <= 1.0))
+    r = np.hypot(u, v)
+    if name == "disc":
+        return r <= 1.0
+    if name == "ring":
+        return (r <= 1.0) & (r >= 0.55)
+    if name == "crescent":
+        return (r <= 1.0) & (np.hypot(u - 0.45, v) > 0.75)
+    theta = np.arctan2(v, u)
     if name == "triangle":
         return r <= _polygon_radius(theta, 3)
     if name == "hexagon":
         return r <= _polygon_radius(theta, 6)
-    if name == "star":
-        return r <= 0.6 + 0.4 * np.cos(5 * theta)
-    if name == "ring":
-        return (r <= 1.0) & (r >= 0.55)
-    if name == "cross":
-        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 1.0))
-    return (r <= 1.0) & (np.hypot(u - 0.45, v) > 0.75)  # crescent
+    return r <= 0.6 + 0.4 * np.cos(5 * theta)  # star
+
+
+# The largest distance from the centre, in (u / aspect, v), of any point of any shape: the square's
+# corner (0.8 * sqrt 2); the cross's arm ends reach sqrt(0.3^2 + 1) = 1.044, every other shape 1.
+SHAPE_EXTENT = 0.8 * np.sqrt(2.0)
 
 
 def _polygon_radius(theta: np.ndarray, sides: int) -> np.ndarray:
@@ -54,11 +62,11 @@ def texture(kind: int, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -
 
     Args:
       kind: index into TEXTURES.
-      u, v: float [S, S] object coordinates.
+      u, v: float object coordinates of equal shapes, e.g. [S, S].
       rng: instance generator.
 
     Returns:
-      float [S, S] in [0, 1].
+      float array of the shape of u, in [0, 1].
     """
     freq = rng.uniform(2.0, 5.0)
     phase = rng.uniform(0, 2 * np.pi)
@@ -81,23 +89,29 @@ def hsv_colour(h: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h, s, v)) * 255.0
 
 
-def background(rng: np.random.Generator, size: int) -> np.ndarray:
+def background(rng: np.random.Generator, size: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     """A smooth two-colour field with blotches, like out-of-focus scenery.
 
     Args:
       rng: image generator.
       size: side in pixels.
+      out: optional float64 [size, size, 3] array to fill (reused buffers spare the page faults of a fresh
+        large allocation, a good part of the cost).
 
     Returns:
-      float [size, size, 3] in 0..255.
+      float [size, size, 3] in 0..255 (`out` if given).
     """
     field = _smooth_noise(rng, size, cells=int(rng.integers(2, 6)))
     detail = _smooth_noise(rng, size, cells=int(rng.integers(8, 16)))
     hue = rng.random()
     low = hsv_colour(hue, rng.uniform(0.1, 0.6), rng.uniform(0.1, 0.5))
     high = hsv_colour((hue + rng.uniform(0.1, 0.5)) % 1.0, rng.uniform(0.1, 0.7), rng.uniform(0.5, 1.0))
-    mix = np.clip(0.8 * field + 0.2 * detail, 0, 1)[..., None]
-    return low * (1 - mix) + high * mix
+    mix = np.clip(0.8 * field + 0.2 * detail, 0, 1)
+    keep = 1 - mix
+    canvas = np.empty((size, size, 3)) if out is None else out
+    for c in range(3):  # one channel plane at a time: broadcasting over a last axis of 3 is slow
+        canvas[..., c] = low[c] * keep + high[c] * mix
+    return canvas
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
