@@ -152,3 +152,44 @@ def test_synthetic_generation_on_every_core_draws_the_same_images_in_order(monke
         expected, expected_label = synthetic.generate_image(3, 1, i, 24, 4)
         np.testing.assert_array_equal(image, expected)
         assert label == expected_label
+
+
+def _full_canvas_image(seed, split_id, index, size, num_classes):
+    """The embedded image by its definition: every object's mask, texture and shading over the whole
+    canvas, colour channels broadcast together (generate_image computes only each object's bounding square)."""
+    from insloc_jax.data import shapes
+
+    rng = np.random.default_rng([seed, split_id, index])
+    label = int(rng.integers(num_classes))
+    yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    canvas = shapes.background(rng, size)
+
+    def draw(canvas, shape, texture, hue, radius):
+        cx, cy = rng.uniform(-0.6, 0.6, size=2)
+        angle = rng.uniform(0, 2 * np.pi)
+        u = ((xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)) / radius
+        v = (-(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)) / radius
+        mask = shapes.shape_mask(shape, u, v, aspect=rng.uniform(0.7, 1.3))
+        pattern = shapes.texture(texture, u, v, rng)[..., None]
+        light = (0.75 + 0.25 * np.clip(1.0 - 0.5 * ((u - 0.3) ** 2 + (v + 0.3) ** 2), 0, 1))[..., None]
+        a = shapes.hsv_colour(hue % 1.0, rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0))
+        b = shapes.hsv_colour((hue + rng.uniform(-0.08, 0.08)) % 1.0, rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.6))
+        return np.where(mask[..., None], (pattern * a + (1 - pattern) * b) * light, canvas)
+
+    for _ in range(int(rng.integers(1, 4))):
+        canvas = draw(canvas, int(rng.integers(len(shapes.SHAPES))), int(rng.integers(len(shapes.TEXTURES))),
+                      rng.random(), rng.uniform(0.12, 0.25))
+    shape, texture = synthetic.class_style(label)
+    canvas = draw(canvas, shape, texture, rng.random(), rng.uniform(0.3, 0.6))
+    return np.clip(canvas + rng.normal(0.0, 4.0, canvas.shape), 0, 255).round().astype(np.uint8), label
+
+
+@pytest.mark.parametrize("size", [48, 112])
+def test_synthetic_images_equal_their_full_canvas_definition(size):
+    # 40 images cover every shape and texture (8 x 5 style draws per distractor), so a bounding square too
+    # small for any shape would cut pixels off and show here.
+    for index in range(40):
+        image, label = synthetic.generate_image(0, index % 2, index, size, 10)
+        want, want_label = _full_canvas_image(0, index % 2, index, size, 10)
+        assert label == want_label
+        np.testing.assert_array_equal(image, want, err_msg=f"image {index}")
