@@ -71,9 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.fg_size_range = (128, 255)  # pasted foreground target size, integers in [low, high)
     c.data.moco_size = 224  # MoCo view side
     c.data.background_mode = "stream"  # stream (other decoded images) | dataset (two random images)
-    c.data.augment_on = "device"  # device (inside the jitted step; 2.6x the host throughput) | host (tf.data)
-    c.data.num_threads = 0  # tf.data threads; 0 = all cores
-    c.data.shuffle_buffer = 10000  # shuffle buffer of streamed (large tfds) sources
+    c.data.stream_group = 16  # stream mode: consecutive samples that lend each other their backgrounds
+    c.data.augment_on = "device"  # device (inside the jitted step) | host (in the input workers)
+    c.data.num_workers = -1  # input worker processes: -1 = one per core, 0 = threads in the training process
 
     c.optim = ml_collections.ConfigDict()
     c.optim.base_lr = 0.03  # learning rate at base_batch; scaled linearly with the global batch

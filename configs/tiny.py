@@ -1,5 +1,7 @@
 """The tiny InsLoc-FPN run the tests use: a few-channel ResNet-18 on 64x64 composites of the embedded
-dataset, 16 samples per step. Builds and steps in seconds on a CPU; it learns nothing useful."""
+dataset, 16 samples per step. Builds and steps in seconds on a CPU; it learns nothing useful. Its samples are
+made in the training process (data.num_workers = 0): starting worker processes would cost more than its
+few steps take."""
 from configs import base
 
 
@@ -12,6 +14,7 @@ def get_config():
     c.data.canvas_size = 64
     c.data.fg_size_range = (32, 63)
     c.data.moco_size = 48
+    c.data.num_workers = 0
     c.train.global_batch = 16
     c.train.total_steps = 6
     c.train.log_every = 1

@@ -1,6 +1,6 @@
 """The held-out data of the frozen-feature probes: settings, composites, jittered boxes, whole images.
 
-Built once per evaluation run with the data package (TensorFlow) and kept in host memory as numpy, so the
+Built once per evaluation run with the data package and kept in host memory as numpy, so the
 probes themselves (`evaluate.score_probes`) only feed arrays to the network. Every random draw is a stateless
 function of (eval seed, instance, view), with a purpose of its own so no draw repeats a training draw.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from insloc_jax import config as config_lib
 from insloc_jax import probes
 
-EVAL_PURPOSE = 100  # folded into the eval seed so no eval draw repeats a training draw
+EVAL_PURPOSE = 100  # added to the seeds purposes so no eval draw repeats a training draw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,7 @@ def read_split(spec: Dict[str, Any], limit: int):
     source = sources.open_source(spec)
     stop = min(limit, source.num_examples) if limit else source.num_examples
     images, labels = [], []
-    for example in sources.examples(source, 0, stop).as_numpy_iterator():
+    for example in sources.examples(source, 0, stop):
         images.append(example["image"])
         labels.append(example["label"])
     return images, np.asarray(labels, np.int64)
@@ -105,47 +105,40 @@ def make_composites(images, seed: int, canvas_size: int, fg_size_range, augment:
     Returns:
       (float32 [2, N, S, S, 3] normalised composites, float32 [2, N, 4] boxes).
     """
-    import tensorflow as tf
     from insloc_jax.data import augment as pixel, compose, seeds
 
     n = len(images)
     if n < 2:
         raise ValueError("the retrieval probe needs at least 2 held-out images")
-    root = seeds.derive(seeds.root(seed, 0), EVAL_PURPOSE)
     offsets = np.random.default_rng([seed, EVAL_PURPOSE]).integers(0, n - 1, (n, 2))
     partners = (np.arange(n)[:, None] + 1 + offsets) % n  # [N, 2] background image of each view
-    backgrounds = [compose.resize_uint8(image, [canvas_size, canvas_size]) for image in images]
-
-    @tf.function(reduce_retracing=True)
-    def one_view(foreground, background, index, view):
-        layer, box = compose.foreground_layer(foreground, seeds.derive(root, seeds.VIEW, index, view),
-                                              canvas_size, tuple(fg_size_range))
-        pasted = compose.paste(layer, box, background)
-        if not augment:
-            return pixel.normalize(tf.cast(pasted, tf.float32)), box
-        return pixel.augment(pasted, box, pixel.sample_params(seeds.derive(root, seeds.AUGMENT, index, view)))
-
+    backgrounds = [compose.resize_uint8(image, (canvas_size, canvas_size)) for image in images]
     views = np.zeros((2, n, canvas_size, canvas_size, 3), np.float32)
     boxes = np.zeros((2, n, 4), np.float32)
     for i in range(n):
         for v in range(2):
-            image, box = one_view(images[i], backgrounds[partners[i, v]], tf.constant(i), tf.constant(v))
-            views[v, i], boxes[v, i] = image.numpy(), box.numpy()
+            patch, box = compose.foreground(images[i], seeds.rng(seed, EVAL_PURPOSE + seeds.VIEW, i, v),
+                                            canvas_size, tuple(fg_size_range))
+            pasted = compose.paste(patch, box, backgrounds[partners[i, v]])
+            if augment:
+                params = pixel.sample_params(seeds.rng(seed, EVAL_PURPOSE + seeds.AUGMENT, i, v))
+                views[v, i], boxes[v, i] = pixel.augment(pasted, box, params)
+            else:
+                views[v, i], boxes[v, i] = pixel.normalize(pasted.astype(np.float32)), box
     return views, boxes
 
 
 def whole_images(images, size: int) -> np.ndarray:
     """uint8 images -> float32 [n, size, size, 3], resized (bilinear) and normalised."""
-    import tensorflow as tf
     from insloc_jax.data import augment as pixel, compose
 
-    resized = [tf.cast(compose.resize_uint8(image, [size, size]), tf.float32) for image in images]
-    return np.stack([pixel.normalize(image).numpy() for image in resized])
+    return np.stack([pixel.normalize(compose.resize_uint8(image, (size, size)).astype(np.float32))
+                     for image in images])
 
 
 def load_probe_data(config: ml_collections.ConfigDict, settings: Settings,
                     source: Optional[Dict[str, Any]] = None) -> ProbeData:
-    """Reads the splits and builds the composites, jittered boxes and whole images (TensorFlow, once).
+    """Reads the splits and builds the composites, jittered boxes and whole images (once).
 
     Args:
       config: run config (data.source, canvas_size, fg_size_range, moco_size).

@@ -78,7 +78,7 @@ class _StopFlag:
 
 
 def make_batches(config, derived, source, start_step: int) -> Iterator[Dict[str, np.ndarray]]:
-    """This host's batches [local_devices, per_device, ...] from `start_step` on (TensorFlow only here).
+    """This host's batches [local_devices, per_device, ...] from `start_step` on.
 
     Args:
       source: the opened training source (`open_training_source`).
@@ -88,17 +88,18 @@ def make_batches(config, derived, source, start_step: int) -> Iterator[Dict[str,
     d = config.data
     return make_pipeline(
         source=source, mode=d.mode, canvas_size=d.canvas_size, fg_size_range=tuple(d.fg_size_range),
-        moco_size=d.moco_size, background_mode=d.background_mode, per_device_batch=derived.per_device_batch,
+        moco_size=d.moco_size, background_mode=d.background_mode, stream_group=d.stream_group,
+        per_device_batch=derived.per_device_batch,
         local_devices=jax.local_device_count(), process_index=jax.process_index(),
         process_count=jax.process_count(), seed=config.seed, start_step=start_step, augment_on=d.augment_on,
-        shuffle_buffer=d.shuffle_buffer, num_threads=d.num_threads or None,
+        num_workers=d.num_workers,
     )
 
 
 def open_training_source(config: ml_collections.ConfigDict):
     """The training source (a `data.sources.Source`; the embedded dataset is generated on first use).
 
-    Opened once per run: opening builds tf.data functions, seconds even for a small set.
+    Opened once per run: opening lists a folder or reads a file list, seconds for ImageNet.
     """
     from insloc_jax.data.sources import open_source
 

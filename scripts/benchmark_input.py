@@ -1,22 +1,23 @@
-"""Input pipeline throughput: samples/s per CPU core (a sample = two augmented views) and where time goes.
+"""Input pipeline throughput: samples/s per worker process (a sample = two views) and where time goes.
 
-  python scripts/benchmark_input.py [--image_dir /tmp/insloc_bench_jpeg] [--threads 1] [--batches 20]
+  python scripts/benchmark_input.py [--image_dir /tmp/insloc_bench_jpeg] [--workers 1 2] [--batches 20]
 
 Writes a folder of ImageNet-sized JPEGs once (embedded-dataset content upscaled to 333..500 px sides,
-quality 90), then times 256x256 InsLoc composites read from it in both background modes. The breakdown
-runs the pipeline cut after each stage (decode only; + composition, views left uint8 as with
-augment_on="device"; + pixel augmentation on the host) and reports each stage's cost per sample. The JAX
-augmentation (augment_jax, meant for the accelerator) is timed on this host's CPU for comparison.
+quality 90, about 110 kB), then times 256x256 InsLoc composites read from it through the real pipeline
+(Grain worker processes) in both background modes, with pixel augmentation left to the device (the default)
+and on the host. Each worker is one core's worth of work, so samples/s per worker is samples/s per core
+(on a machine with at least that many free cores). The breakdown times the stages of one sample in this
+process on one core: decode (three images in dataset mode), composition, augmentation parameters, and the
+host-side pixel augmentation. Memory per worker is each worker process's resident set size.
 """
 import argparse
 import os
 import time
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
-from insloc_jax.data import order, pipeline, sources, synthetic
+from insloc_jax.data import augment, compose, order, pipeline, seeds, sources, synthetic
 
 
 def write_jpegs(image_dir: str, count: int) -> None:
@@ -32,70 +33,90 @@ def write_jpegs(image_dir: str, count: int) -> None:
         Image.fromarray(image).resize(size, Image.BICUBIC).save(path, quality=90)
 
 
-def rate(batches, count: int, batch: int) -> float:
-    """Samples per second over `count` batches after two warm-up batches."""
+def worker_rss_mb() -> list:
+    """Resident set size (MB) of each child process of this one (the Grain workers)."""
+    sizes = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) != os.getpid():
+                    continue
+            with open(f"/proc/{pid}/status") as f:
+                sizes += [int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS")]
+        except (OSError, IndexError, ValueError):
+            continue
+    return sizes
+
+
+def rate(batches, count: int, batch: int):
+    """(samples/s over `count` batches after two warm-up batches, worker RSS list in MB)."""
     for _ in range(2):
         next(batches)
     start = time.perf_counter()
     for _ in range(count):
         next(batches)
-    return count * batch / (time.perf_counter() - start)
+    return count * batch / (time.perf_counter() - start), worker_rss_mb()
 
 
-def decode_rate(spec: dict, background_mode: str, threads: int, count: int, batch: int) -> float:
-    """Samples/s of reading and decoding alone (three images per sample in dataset mode)."""
-    src = sources.open_source(spec)
-    ds = order.samples(src, start=0, seed=0, process_index=0, process_count=1,
-                       backgrounds=2 if background_mode == "dataset" else 0)
-    ds = ds.map(lambda s: s["position"]).batch(batch).prefetch(2)
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = threads
-    options.threading.max_intra_op_parallelism = 1
-    return rate(ds.with_options(options).as_numpy_iterator(), count, batch)
-
-
-def jax_augment_rate(batch: dict, count: int) -> float:
-    """Samples/s of augment_jax on this host's CPU (both views), on a pipeline batch."""
-    import jax  # imported here: the rest of the benchmark needs no JAX
-    from insloc_jax.data import augment_jax
-    step = jax.jit(lambda b: (augment_jax.augment_views(b, 1), augment_jax.augment_views(b, 2)))
-    device_batch = jax.device_put(batch)
-    jax.block_until_ready(step(device_batch))
-    start = time.perf_counter()
-    for _ in range(count):
-        jax.block_until_ready(step(device_batch))
-    return count * batch["index"].size / (time.perf_counter() - start)
+def stage_ms(src, background_mode: str, count: int) -> dict:
+    """Milliseconds of one core per sample for each stage, timed on `count` samples in this process."""
+    totals = dict.fromkeys(("decode", "compose", "params", "host augment"), 0.0)
+    canvas = (256, 256)
+    for q in range(count):
+        t0 = time.perf_counter()
+        _, _, image = order.decode_with_fallbacks(src, order.image_index(src.num_examples, q, 0), q, 0)
+        if background_mode == "dataset":
+            backgrounds = [order.decode_with_fallbacks(src, int(i), q, 0, b + 1)[2]
+                           for b, i in enumerate(seeds.rng(0, seeds.BACKGROUND, q).integers(0, src.num_examples, 2))]
+        t1 = time.perf_counter()
+        if background_mode == "stream":
+            backgrounds = [compose.resize_uint8(image, canvas)] * 2  # one resize per sample, shared by its group
+        else:
+            backgrounds = [compose.resize_uint8(b, canvas) for b in backgrounds]
+        views = []
+        for v in range(2):
+            patch, box = compose.foreground(image, seeds.rng(0, seeds.VIEW, q, v), 256, (128, 255))
+            views.append((compose.paste(patch, box, backgrounds[v]), box))
+        t2 = time.perf_counter()
+        params = [augment.sample_params(seeds.rng(0, seeds.AUGMENT, q, v)) for v in range(2)]
+        t3 = time.perf_counter()
+        for (img, box), p in zip(views, params):
+            augment.augment(img, box, p)
+        t4 = time.perf_counter()
+        for key, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            totals[key] += dt
+    return {k: 1000 * v / count for k, v in totals.items()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image_dir", default="/tmp/insloc_bench_jpeg")
     parser.add_argument("--num_images", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=1, help="tf.data threads (= cores measured)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker process counts")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=20)
     args = parser.parse_args()
     write_jpegs(args.image_dir, args.num_images)
     spec = {"kind": "folder", "root": args.image_dir}
-    common = dict(source=spec, per_device_batch=args.batch, local_devices=1, num_threads=args.threads,
-                  canvas_size=256)
-    print(f"{args.num_images} JPEGs in {args.image_dir}; {args.threads} tf.data thread(s); host has "
+    src = sources.open_source(spec)
+    sizes = [os.path.getsize(os.path.join(args.image_dir, f)) for f in os.listdir(args.image_dir)]
+    print(f"{len(sizes)} JPEGs in {args.image_dir} (mean {np.mean(sizes) / 1e3:.0f} kB); host has "
           f"{os.cpu_count()} logical cores (shared with other work: figures are a lower bound)")
-    print(f"{'background':<12}{'host-aug':>10}{'device-aug':>12}{'decode':>9}{'compose':>9}{'augment':>9}")
-    print(f"{'':<12}{'samples/s/core':>22}{'ms of one core per sample':>27}")
+    print(f"{'background':<11}{'augment':<8}{'workers':>8}{'samples/s':>11}{'per worker':>12}{'RSS/worker':>12}")
     for background_mode in ("stream", "dataset"):
-        host = rate(pipeline.make_pipeline(background_mode=background_mode, augment_on="host", **common),
-                    args.batches, args.batch)
-        device = rate(pipeline.make_pipeline(background_mode=background_mode, augment_on="device", **common),
-                      args.batches, args.batch)
-        decoded = decode_rate(spec, background_mode, args.threads, args.batches, args.batch)
-        host, device, decoded = (r / args.threads for r in (host, device, decoded))  # per core
-        print(f"{background_mode:<12}{host:>10.1f}{device:>12.1f}{1000 / decoded:>9.2f}"
-              f"{1000 / device - 1000 / decoded:>9.2f}{1000 / host - 1000 / device:>9.2f}")
-    batch = next(pipeline.make_pipeline(augment_on="device", **common))
-    print(f"augment_jax jitted on this host's CPU (XLA, all cores): {jax_augment_rate(batch, 5):.1f} samples/s")
-    print("host-aug: tf.data does everything; device-aug: host part only, pixel augmentation left to the "
-          "accelerator (augment_jax inside the jitted step)")
+        for augment_on in ("device", "host"):
+            for workers in args.workers:
+                batches = pipeline.make_pipeline(source=src, background_mode=background_mode,
+                                                 augment_on=augment_on, per_device_batch=args.batch,
+                                                 local_devices=1, canvas_size=256, num_workers=workers)
+                total, rss = rate(batches, args.batches, args.batch)
+                print(f"{background_mode:<11}{augment_on:<8}{workers:>8}{total:>11.1f}{total / workers:>12.1f}"
+                      f"{np.mean(rss) if rss else float('nan'):>10.0f}MB", flush=True)
+                del batches
+    print("ms of one core per sample, by stage (this process):")
+    for background_mode in ("stream", "dataset"):
+        parts = stage_ms(src, background_mode, 200)
+        print(f"  {background_mode:<8}" + "  ".join(f"{k} {v:.2f}" for k, v in parts.items()))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
-"""Pixel augmentation (tf.data and JAX versions) against numpy/PIL references written from the definitions."""
+"""Pixel augmentation (host numpy/OpenCV and JAX versions) against numpy/PIL references written from the definitions."""
 import colorsys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image, ImageFilter
 
 from insloc_jax.data import augment, augment_jax
@@ -74,7 +73,7 @@ def test_grayscale_is_itu_601_luma_like_pil():
         assert np.abs(np.round(np.asarray(ours)[..., 0]) - pil).max() <= 1
 
 
-@pytest.mark.parametrize("backend", ["tf", "jax"])
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
 def test_color_jitter_applies_ops_in_given_order(backend):
     x = rand_image(3)
     factors = np.array([1.3, 0.7, 1.35, 0.08], np.float32)
@@ -82,8 +81,8 @@ def test_color_jitter_applies_ops_in_given_order(backend):
         want = x.astype(np.float64)
         for op in order:
             want = NP_OPS[op](want, factors[op])
-        if backend == "tf":
-            got = augment.color_jitter(tf.constant(x), tf.constant(factors), tf.constant(order, tf.int32))
+        if backend == "numpy":
+            got = augment.color_jitter(x, factors, np.array(order, np.int32))
         else:
             got = augment_jax.color_jitter(jnp.asarray(x), jnp.asarray(factors), jnp.asarray(order))
         np.testing.assert_allclose(np.asarray(got), want, atol=5e-3)
@@ -93,7 +92,7 @@ def test_color_jitter_applies_ops_in_given_order(backend):
 def test_blur_matches_separable_gaussian(sigma):
     x = rand_image(4, 32, 40)
     want = np_blur(x, sigma)
-    np.testing.assert_allclose(augment.gaussian_blur(tf.constant(x), sigma), want, atol=1e-3)
+    np.testing.assert_allclose(augment.gaussian_blur(x, sigma), want, atol=1e-3)
     np.testing.assert_allclose(augment_jax.gaussian_blur(jnp.asarray(x), sigma), want, atol=1e-3)
 
 
@@ -104,7 +103,7 @@ def test_blur_close_to_pil_gaussian_radius_sigma():
     img = np.stack([xx * 4, yy * 4, ((xx // 8 + yy // 8) % 2) * 255], -1).astype(np.uint8)
     for sigma in (0.5, 1.0, 2.0):
         pil = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius=sigma)), np.float32)
-        ours = augment.gaussian_blur(tf.constant(img, tf.float32), sigma).numpy()
+        ours = augment.gaussian_blur(img.astype(np.float32), sigma)
         assert np.abs(ours - pil)[8:-8, 8:-8].mean() < 2.0
 
 
@@ -112,22 +111,23 @@ def test_flip_maps_image_and_box():
     x = np.zeros((40, 60, 3), np.float32)
     box = np.array([5, 10, 25, 30], np.float32)
     x[10:30, 5:25] = 255
-    img, fbox = augment.flip(tf.constant(x), tf.constant(box))
+    img, fbox = augment.flip(x, box)
+    assert fbox.dtype == np.float32
     np.testing.assert_array_equal(fbox, [60 - 25, 10, 60 - 5, 30])
-    ys, xs = np.nonzero(img.numpy()[..., 0])
+    ys, xs = np.nonzero(img[..., 0])
     np.testing.assert_array_equal([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], fbox)
 
 
 def test_normalize():
     x = rand_image(5)
     want = (x - [123.675, 116.28, 103.53]) / [58.395, 57.12, 57.375]
-    np.testing.assert_allclose(augment.normalize(tf.constant(x)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(augment.normalize(x), want, rtol=1e-5, atol=1e-5)
 
 
 def _params(count):
-    ds = tf.data.Dataset.range(count).map(
-        lambda i: augment.sample_params(tf.stack([tf.cast(i, tf.int32), 5])))
-    return {k: v.numpy() for k, v in next(iter(ds.batch(count))).items()}
+    """Parameters of `count` views, one generator per view (seeds [i, 5]), stacked per key."""
+    draws = [augment.sample_params(np.random.default_rng([i, 5])) for i in range(count)]
+    return {k: np.stack([d[k] for d in draws]) for k in draws[0]}
 
 
 def test_sampled_parameters_have_spec_distribution():
@@ -148,7 +148,7 @@ def test_sampling_is_deterministic():
         np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_augment_full_chain_tf_and_jax_match_numpy():
+def test_augment_full_chain_host_and_jax_match_numpy():
     x = np.random.default_rng(6).integers(0, 256, (32, 48, 3), dtype=np.uint8)
     box = np.array([3, 4, 20, 30], np.float32)
     params = {"apply": np.array([True, True, True, True]), "factors": np.array([1.2, 0.8, 1.1, -0.05],
@@ -159,9 +159,9 @@ def test_augment_full_chain_tf_and_jax_match_numpy():
         want = NP_OPS[op](want, params["factors"][op])
     want = np_blur(np.repeat(want @ LUMA, 3).reshape(want.shape), 1.3)[:, ::-1]
     want = (want - [123.675, 116.28, 103.53]) / [58.395, 57.12, 57.375]
-    tf_img, tf_box = augment.augment(tf.constant(x), tf.constant(box), params)
+    np_img, np_box = augment.augment(x, box, params)
     jx_img, jx_box = jax.jit(augment_jax.augment)(x, box, *params.values())
-    for img, b in ((tf_img, tf_box), (jx_img, jx_box)):
+    for img, b in ((np_img, np_box), (jx_img, jx_box)):
         np.testing.assert_allclose(np.asarray(img), want, atol=2e-4)
         np.testing.assert_array_equal(np.asarray(b), [48 - 20, 4, 48 - 3, 30])
 
@@ -170,7 +170,82 @@ def test_augment_without_ops_only_normalises():
     x = np.random.default_rng(7).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     params = {"apply": np.zeros(4, bool), "factors": np.ones(4, np.float32),
               "order": np.arange(4, dtype=np.int32), "sigma": np.float32(1.0)}
-    img, box = augment.augment(tf.constant(x), tf.constant([1.0, 2.0, 3.0, 4.0]), params)
+    img, box = augment.augment(x, np.array([1.0, 2.0, 3.0, 4.0], np.float32), params)
+    assert img.dtype == np.float32 and box.dtype == np.float32
     np.testing.assert_allclose(img, (x - np.array([123.675, 116.28, 103.53])) / [58.395, 57.12, 57.375],
                                atol=1e-5)
     np.testing.assert_array_equal(box, [1, 2, 3, 4])
+
+
+def test_sampled_parameters_types_and_draw_order():
+    # Documented order: u = random(13); apply <- u[0:4], factors <- u[4:8], order <- u[8:12], sigma <- u[12].
+    for i in range(10):
+        p = augment.sample_params(np.random.default_rng([i, 5]))
+        u = np.random.default_rng([i, 5]).random(13)
+        assert p["apply"].dtype == bool and p["apply"].shape == (4,)
+        assert p["factors"].dtype == np.float32 and p["factors"].shape == (4,)
+        assert p["order"].dtype == np.int32 and p["order"].shape == (4,)
+        assert isinstance(p["sigma"], np.float32)
+        np.testing.assert_array_equal(p["apply"], u[:4] < [0.8, 0.2, 0.5, 0.5])
+        np.testing.assert_allclose(p["factors"], np.append(0.6 + 0.8 * u[4:7], 0.1 * (2 * u[7] - 1)), rtol=1e-6)
+        np.testing.assert_array_equal(p["order"], np.argsort(u[8:12]))
+        np.testing.assert_allclose(p["sigma"], 0.1 + 1.9 * u[12], rtol=1e-6)
+
+
+def test_ops_leave_their_input_untouched():
+    x = rand_image(8)
+    before = x.copy()
+    for out in (augment.adjust_brightness(x, 1.2), augment.adjust_contrast(x, 0.7),
+                augment.adjust_saturation(x, 1.3), augment.adjust_hue(x, 0.05),
+                augment.color_jitter(x, np.array([1.2, 0.7, 1.3, 0.05], np.float32), np.arange(4)),
+                augment.gaussian_blur(x, 1.0), augment.flip(x, np.zeros(4, np.float32))[0],
+                augment.normalize(x)):
+        assert not np.shares_memory(out, x)
+    np.testing.assert_array_equal(x, before)
+    image = np.random.default_rng(9).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    kept = image.copy()
+    params = {"apply": np.ones(4, bool), "factors": np.array([1.2, 0.8, 1.1, -0.05], np.float32),
+              "order": np.array([1, 3, 0, 2], np.int32), "sigma": np.float32(1.3)}
+    augment.augment(image, np.zeros(4, np.float32), params)
+    np.testing.assert_array_equal(image, kept)
+
+
+def test_host_augment_matches_device_augment_on_sampled_params():
+    # The pipeline applies the same parameters on the host (augment.augment) or in the jitted step
+    # (augment_jax.augment); both must agree on normalised pixels. Random images and sampled parameters,
+    # the first six with every op on (jitter order and hue sign vary with the seed).
+    device = jax.jit(augment_jax.augment)
+    results = []
+    for i in range(24):
+        rng = np.random.default_rng([i, 21])
+        image = rng.integers(0, 256, (64, 72, 3), dtype=np.uint8)
+        box = np.array([3, 5, 40, 60], np.float32)
+        params = augment.sample_params(rng)
+        if i < 6:
+            params["apply"][:] = True
+        host_img, host_box = augment.augment(image, box, params)
+        dev_img, dev_box = device(image, box, params["apply"], params["factors"], params["order"],
+                                  params["sigma"])
+        assert host_img.dtype == np.float32 and host_img.shape == (64, 72, 3)
+        np.testing.assert_allclose(host_img, np.asarray(dev_img), atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(host_box, np.asarray(dev_box))
+        results.append((host_img, host_img.copy()))
+    # Later calls (which reuse a scratch buffer) never overwrite an earlier result.
+    for got, copy in results:
+        np.testing.assert_array_equal(got, copy)
+
+
+def test_augment_into_given_buffer_matches_new_array():
+    batch = np.full((3, 20, 24, 3), np.nan, np.float32)
+    for i in range(3):
+        rng = np.random.default_rng([i, 30])
+        image = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        params = augment.sample_params(rng)
+        params["apply"][:] = [True, i == 1, True, i != 2]
+        want, want_box = augment.augment(image, np.array([1, 2, 9, 12], np.float32), params)
+        got, got_box = augment.augment(image, np.array([1, 2, 9, 12], np.float32), params, out=batch[i])
+        assert np.shares_memory(got, batch[i])
+        np.testing.assert_array_equal(batch[i], want)
+        np.testing.assert_array_equal(got_box, want_box)
+    with pytest.raises(ValueError):
+        augment.augment(image, np.zeros(4, np.float32), params, out=np.zeros((20, 24, 3), np.float64))

@@ -74,7 +74,7 @@ def test_a_flag_set_source_opens_and_reads_the_images(tmp_path):
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
     config = _parsed("demo", "--config.data.source.kind=folder", f"--config.data.source.root={tmp_path}")
     source = sources.open_source(config_lib.source_spec(config))
-    means = [float(ex["image"].mean()) for ex in sources.examples(source).as_numpy_iterator()]
+    means = [float(ex["image"].mean()) for ex in sources.examples(source)]
     assert means == [0.0, 40.0, 80.0]
 
 

@@ -328,7 +328,7 @@ def _evaluate_command(*args):
     import sys
 
     return subprocess.run([sys.executable, "-m", "insloc_jax.evaluate", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2"))
+                          text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=""))
 
 
 def test_evaluate_command_on_the_random_init_writes_what_it_prints(tmp_path):

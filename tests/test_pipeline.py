@@ -1,4 +1,4 @@
-"""The batch pipeline: 8-device layout, determinism, resume, host sharding, stream backgrounds."""
+"""The batch pipeline: 8-device layout, determinism, resume, host sharding, stream backgrounds, workers."""
 import jax
 import numpy as np
 import pytest
@@ -89,8 +89,7 @@ def test_each_epoch_is_a_permutation_and_hosts_are_disjoint(spec):
 
 
 def test_stream_backgrounds_are_other_images_of_the_group(spec):
-    images = {int(e["index"]): e["image"] for e in
-              sources.examples(sources.open_source(spec)).as_numpy_iterator()}
+    images = {int(e["index"]): e["image"] for e in sources.examples(sources.open_source(spec))}
     batch = next(_pipe(spec, augment_on="device"))  # 8 samples = one stream group of 8
     index = batch["index"].ravel()
     for view in (1, 2):
@@ -112,3 +111,28 @@ def test_device_augmentation_equals_host_augmentation(spec):
         images, boxes = step(device, view)
         np.testing.assert_allclose(np.asarray(images), host[f"image{view}"], atol=1e-4)
         np.testing.assert_array_equal(np.asarray(boxes), host[f"boxes{view}"])
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "moco"}, {"background_mode": "dataset"}, {"stream_group": 4}])
+def test_global_batch_does_not_depend_on_the_number_of_processes(spec, kwargs):
+    # Two processes of 4 devices each make the same global batches, in device order, as one of 8.
+    one = _take(_pipe(spec, per_device_batch=2, **kwargs), 4)
+    two = [_take(_pipe(spec, per_device_batch=2, local_devices=4, process_index=p, process_count=2, **kwargs), 4)
+           for p in range(2)]
+    for step, whole in enumerate(one):
+        for key in whole:
+            joined = np.concatenate([two[0][step][key], two[1][step][key]])
+            np.testing.assert_array_equal(joined, whole[key], err_msg=f"step {step} {key}")
+
+
+def test_stream_groups_must_fit_the_per_host_batch_on_several_processes(spec):
+    with pytest.raises(ValueError, match="multiple of data.stream_group"):
+        _pipe(spec, per_device_batch=1, local_devices=4, process_count=2, stream_group=16)
+
+
+def test_worker_processes_make_the_same_batches(spec):
+    # Grain's worker processes (spawned, each with its own copy of the source) change nothing in the batches.
+    inline = _take(_pipe(spec, augment_on="host", stream_group=16), 3)
+    workers = _take(_pipe(spec, augment_on="host", stream_group=16, num_workers=2), 3)
+    for a, b in zip(inline, workers):
+        _assert_equal_batches(a, b)

@@ -48,7 +48,7 @@ class Run:
         self._out = open(self.workdir + ".stdout", "w+")
         self._err = open(self.workdir + ".stderr", "w+")
         self.proc = subprocess.Popen(command, cwd=ROOT, stdout=self._out, stderr=self._err, env=dict(
-            os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="2", **extra))
+            os.environ, XLA_FLAGS="", **extra))
 
     def wait_for_marker(self, timeout=240):
         """Blocks until the fault hook has fired (the process is then held still)."""

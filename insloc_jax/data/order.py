@@ -1,136 +1,78 @@
 """Which image each sample position holds, and its decoding with skip-and-count of corrupt files.
 
-Positions q = 0, 1, 2, ... count this process's samples over the whole run; sample q of step s is
-q = s * per_host_batch + k. An epoch holds n = num_examples // process_count positions per process.
+Positions count samples over the whole run. A process with index p of P, holding b samples per step, makes
+local position q = s * b + k (step s, k < b), which is global position
 
-Indexable sources: position q of epoch e = q // n maps to global slot (q % n) * process_count +
-process_index, and the slot to an image by a stateless permutation of the dataset keyed by (seed, e)
-(`tf.random.experimental.index_shuffle`), the same on every host, so hosts see disjoint images. Starting at
-any q costs nothing. An undecodable image is replaced by the first decodable of a few stateless random
-fallbacks keyed by q, so positions never shift and a resumed run stays aligned; the replacements are counted
-in the sample's `skipped` field.
+    Q = s * (b * P) + p * b + k,
 
-Streamed sources: each process reads its contiguous 1/process_count of the split, shuffled per epoch with
-a buffer seeded by (seed, e). Starting at q reads and discards the q % n records before it in its epoch:
-no decoding, but up to one epoch of file reading (for ImageNet on one of 8 hosts, at most 1/8 of the
-140 GB) plus refilling the shuffle buffer. Undecodable records are dropped; the pipeline counts them from
-the gaps in `position`.
+so the global batch of a step is positions s * b * P .. (s + 1) * b * P - 1 in device order whatever the
+number of processes (P = 1: Q = q). Epoch e = Q // n holds the n images of the source once, in a
+permutation keyed by (seed, e) alone; every process computes the same permutation, so processes see disjoint
+images. Starting at any position costs nothing.
+
+An undecodable image is replaced by the first decodable of stateless random fallbacks keyed by (Q, try), so
+positions never shift and a resumed run stays aligned; the replacements are counted in the sample's
+`skipped` field. A source in which MAX_TRIES images in a row fail to decode is not a dataset with a few bad
+files, and raises DataError.
 """
-import tensorflow as tf
+import functools
+import logging
+
+import numpy as np
 
 from insloc_jax.data import seeds
-from insloc_jax.data.sources import Source, decode
+from insloc_jax.data.sources import DecodeError, Source, decode
+
+MAX_TRIES = 64
 
 
-def epoch_length(source: Source, process_count: int) -> int:
-    """Positions per epoch on one process."""
-    n = source.num_examples // process_count
-    if n < 1:
-        raise ValueError(f"{source.name} has {source.num_examples} images, fewer than {process_count} hosts")
-    return n
+class DataError(RuntimeError):
+    """The source cannot feed the run (e.g. nearly every image is undecodable)."""
 
 
-def indexed_image(source: Source, position, seed: int, process_index: int, process_count: int):
-    """Dataset index (int64 scalar) held by a position of an indexable source."""
-    n = epoch_length(source, process_count)
-    epoch, offset = position // n, position % n
-    slot = offset * process_count + process_index
-    order_seed = seeds.derive(seeds.shared(seed), seeds.EPOCH, epoch)
-    return tf.random.experimental.index_shuffle(slot, order_seed, tf.constant(source.num_examples - 1,
-                                                                              tf.int64))
+def global_position(local, per_host_batch: int, process_index: int, process_count: int):
+    """Global position(s) Q of local position(s) q of this process (see the module docstring)."""
+    step, k = np.divmod(local, per_host_batch)
+    return step * per_host_batch * process_count + process_index * per_host_batch + k
 
 
-def first_decodable(source: Source, candidates) -> tf.data.Dataset:
-    """One-element dataset: the first candidate index whose image decodes (empty if none does).
-
-    Args:
-      source: an indexable source.
-      candidates: int64 [K] dataset indices, preferred first.
-
-    Returns:
-      tf.data of one (skipped int32, index int64, image uint8 [H, W, 3]), skipped = failures before it.
-    """
-    tries = tf.data.Dataset.from_tensor_slices((tf.range(tf.shape(candidates)[0]), candidates))
-    decoded = tries.map(lambda k, i: (k, i, decode(source.read(i))))
-    return decoded.ignore_errors(log_warning=True).take(1)
+@functools.lru_cache(maxsize=2)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    # Cached: consecutive positions share an epoch (for ImageNet one permutation is 10 MB and ~20 ms).
+    return seeds.rng(seed, seeds.EPOCH, epoch).permutation(n)
 
 
-def candidates(source: Source, index, position, root, purpose: int, fallbacks: int):
-    """index followed by `fallbacks` stateless random indices, int64 [1 + fallbacks]."""
-    seed = seeds.derive(root, seeds.FALLBACK, purpose, position)
-    extra = tf.random.stateless_uniform([fallbacks], seed, 0, source.num_examples, dtype=tf.int64)
-    return tf.concat([index[None], extra], axis=0)
+def image_index(n: int, position: int, seed: int) -> int:
+    """Dataset index held by global position `position` of a source of n images."""
+    epoch, offset = divmod(int(position), n)
+    return int(_permutation(seed, epoch, n)[offset])
 
 
-def indexable_samples(source: Source, *, start: int, seed: int, process_index: int, process_count: int,
-                      backgrounds: int = 0, fallbacks: int = 4) -> tf.data.Dataset:
-    """Decoded samples of an indexable source from position `start` on, in position order.
+def decode_with_fallbacks(source: Source, index: int, position: int, seed: int, purpose: int = 0):
+    """Decodes image `index`, or the first decodable stateless replacement.
 
     Args:
-      source: indexable source.
-      start: first position.
+      source: the image source.
+      index: preferred dataset index.
+      position: global position of the sample (keys the replacements).
       seed: run seed.
-      process_index, process_count: this host and the number of hosts.
-      backgrounds: number of extra uniformly random dataset images per sample (dataset background mode).
-      fallbacks: replacement tries for an undecodable image.
+      purpose: 0 for the foreground, b + 1 for the b-th dataset background (independent replacements).
 
     Returns:
-      tf.data of {"position" int64, "index" int64, "image" uint8 [H, W, 3], "skipped" int32} plus, if
-      backgrounds > 0, "backgrounds": a tuple of that many decoded images.
+      (skipped int: failures before the image, index int, image uint8 [H, W, 3]).
+
+    Raises:
+      DataError: MAX_TRIES images in a row were undecodable.
     """
-    root = seeds.root(seed, process_index)
-
-    def sample(position):
-        index = indexed_image(source, position, seed, process_index, process_count)
-        parts = [first_decodable(source, candidates(source, index, position, root, 0, fallbacks))]
-        bg_seed = seeds.derive(root, seeds.BACKGROUND, position)
-        bg_index = tf.random.stateless_uniform([backgrounds], bg_seed, 0, source.num_examples, tf.int64)
-        for b in range(backgrounds):
-            parts.append(first_decodable(source, candidates(source, bg_index[b], position, root, b + 1,
-                                                            fallbacks)))
-        return tf.data.Dataset.zip(tuple(parts)).map(lambda *p: _pack(position, p))
-
-    positions = tf.data.Dataset.range(start, 2**62)
-    return positions.interleave(sample, cycle_length=16, block_length=1,
-                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-
-def _pack(position, parts):
-    sample = {"position": position, "index": parts[0][1], "image": parts[0][2],
-              "skipped": tf.add_n([p[0] for p in parts])}
-    if len(parts) > 1:
-        sample["backgrounds"] = tuple(p[2] for p in parts[1:])
-    return sample
-
-
-def streamed_samples(source: Source, *, start: int, seed: int, process_index: int, process_count: int,
-                     backgrounds: int = 0, shuffle_buffer: int = 10_000) -> tf.data.Dataset:
-    """Decoded samples of a streamed source from position `start` on (same output as indexable_samples)."""
-    n = epoch_length(source, process_count)
-    first_epoch, offset = divmod(start, n)
-
-    def shuffled(stream_id):
-        records = source.records(process_index * n, (process_index + 1) * n)
-        def epoch(e):
-            order_seed = seeds.derive(seeds.root(seed, process_index), seeds.EPOCH, stream_id, e)
-            return records.shuffle(shuffle_buffer, seed=tf.cast(order_seed[0], tf.int64),
-                                   reshuffle_each_iteration=False)
-        epochs = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(offset)
-        return tf.data.Dataset.zip(tf.data.Dataset.range(start, 2**62), epochs)
-
-    def decoded(stream):
-        return stream.map(lambda q, r: (q, r["index"], decode(r["bytes"])),
-                          num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
-
-    parts = [decoded(shuffled(s)) for s in range(1 + backgrounds)]
-    return tf.data.Dataset.zip(tuple(parts)).map(
-        lambda *p: _pack(p[0][0], [(tf.constant(0, tf.int32),) + x[1:] for x in p]))
-
-
-def samples(source: Source, **kwargs) -> tf.data.Dataset:
-    """Dispatches to indexable_samples or streamed_samples (shuffle_buffer/fallbacks go where they apply)."""
-    if source.indexable:
-        kwargs.pop("shuffle_buffer", None)
-        return indexable_samples(source, **kwargs)
-    kwargs.pop("fallbacks", None)
-    return streamed_samples(source, **kwargs)
+    draws = None
+    for tries in range(MAX_TRIES):
+        try:
+            return tries, index, decode(source.read(index))
+        except (DecodeError, OSError) as err:  # OSError: a listed file that cannot be read
+            logging.warning("%s: image %d is undecodable (%s); using a replacement", source.name, index, err)
+        if draws is None:
+            draws = seeds.rng(seed, seeds.FALLBACK, purpose, position).integers(0, source.num_examples,
+                                                                                 MAX_TRIES)
+        index = int(draws[tries])
+    raise DataError(f"{source.name}: {MAX_TRIES} images in a row were undecodable (last tried: index "
+                    f"{index}); check that the source holds JPEG/PNG/BMP/GIF images")

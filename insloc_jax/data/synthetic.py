@@ -9,111 +9,169 @@ object's mean hue straight off its pixels, so hue-coded classes made kNN on rand
 on pretrained ones, and the training augmentation (colour jitter, grayscale) teaches invariance to it anyway.
 Labels make the set usable by quality probes (kNN, retrieval).
 
-It is a TFDS builder (`insloc_synthetic`) so it goes through the same tf.data path as ImageNet. It needs no
-download: `prepare(data_dir)` writes it once (on every core; about 1-2 ms per 112-pixel image and core) and
-later calls reuse it.
+It needs no download: `prepare(data_dir, ...)` writes it once as JPEG files (quality 95) with a file list
+per split, and later calls reuse it; `sources.open_source({"kind": "synthetic", ...})` opens a split. The
+layout, one directory per setting and dataset version, so different sizes live side by side:
+
+  data_dir/insloc_synthetic/s{image_size}_tr{num_train}_te{num_test}_c{num_classes}_seed{seed}/3.0.0/
+      info.json              the settings, the version and the split sizes
+      train.txt, test.txt    one line per image, "train/000123.jpg LABEL" (a sources file list)
+      train/000000.jpg ...   the images of each split, named by index
+      test/000000.jpg ...
+
+A generation writes into a temporary sibling directory and renames it into place when it is complete, so a
+killed one never leaves a set that counts as prepared (its leftover is removed by the next generation on the
+same host). It runs on every core once the set is large enough to pay for starting the workers: about
+1.5 ms per 112-pixel image and core, JPEG encoding included (the demo's 4,096 + 2,048 images in about 7 s
+on two cores).
+
 Image i of a split is drawn from `np.random.default_rng([seed, split_id, i])` alone, so the set is
 reproducible from its seed and independent of generation order.
 """
-import dataclasses
 import functools
+import io
+import json
 import multiprocessing
 import os
+import shutil
+import socket
 import threading
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from insloc_jax.data import shapes
 
 SPLIT_IDS = {"train": 0, "test": 1}
-PARALLEL_FROM = 512  # images of a split from which generation runs on every core
+PARALLEL_FROM = 512  # images in the whole set from which generation runs on every core
 MAX_WORKERS = 8
+BLOCK = 64  # images per task of a worker
+DATASET_VERSION = "3.0.0"
+RELEASE_NOTES = {
+    "1.0.0": "Hue, shape and texture coded the class.",
+    "2.0.0": "Shape and texture code the class; the main object's hue is drawn per instance.",
+    "3.0.0": "Stored as JPEG files (quality 95) with a file list per split instead of a TFDS dataset. The "
+             "same images: drawn bit-identically (several times faster), and the files decode to the pixels "
+             "that 2.0.0 stored.",
+}
+JPEG_QUALITY = 95
+MAX_CLASSES = len(shapes.SHAPES) * len(shapes.TEXTURES)
+_INCOMPLETE = ".incomplete-"
 _SCRATCH = threading.local()  # per-thread work arrays of generate_image
-DATASET_VERSION = "2.0.0"  # 2.0.0: the main object's hue is drawn per instance instead of per class
-
-
-@dataclasses.dataclass
-class SyntheticConfig(tfds.core.BuilderConfig):
-    """Sizes of the embedded dataset; the config name must change whenever a field does.
-
-    Attributes:
-      image_size: side of the square images in pixels.
-      num_train: images in the `train` split.
-      num_test: images in the held-out `test` split.
-      num_classes: number of classes (at most len(shapes.SHAPES) * len(shapes.TEXTURES)).
-      seed: generation seed.
-    """
-    image_size: int = 112
-    num_train: int = 4096
-    num_test: int = 512
-    num_classes: int = 10
-    seed: int = 0
 
 
 def config_name(image_size: int, num_train: int, num_test: int, num_classes: int, seed: int) -> str:
-    """A config name that encodes every field, so different sizes live side by side in one data_dir."""
+    """A directory name that encodes every setting, so different sizes live side by side in one data_dir."""
     return f"s{image_size}_tr{num_train}_te{num_test}_c{num_classes}_seed{seed}"
 
 
-def make_config(**kwargs) -> SyntheticConfig:
-    """Builds a SyntheticConfig with a name derived from its fields (see SyntheticConfig for kwargs)."""
-    defaults = SyntheticConfig(name="defaults")
-    names = ("image_size", "num_train", "num_test", "num_classes", "seed")
-    unknown = set(kwargs) - set(names)
-    if unknown:
-        raise ValueError(f"unknown synthetic dataset options {sorted(unknown)}; expected some of {names}")
-    fields = {k: int(kwargs.get(k, getattr(defaults, k))) for k in names}
-    return SyntheticConfig(name=config_name(**fields), version=DATASET_VERSION, **fields)
+def dataset_dir(data_dir: str, image_size: int = 112, num_train: int = 4096, num_test: int = 512,
+                num_classes: int = 10, seed: int = 0) -> str:
+    """Where `prepare` puts the set of these settings (see the module docstring)."""
+    name = config_name(int(image_size), int(num_train), int(num_test), int(num_classes), int(seed))
+    return os.path.join(data_dir, "insloc_synthetic", name, DATASET_VERSION)
 
 
-class InslocSynthetic(tfds.core.GeneratorBasedBuilder):
-    """TFDS builder of the embedded procedural dataset (splits `train` and `test`)."""
+def prepare(data_dir: str, image_size: int = 112, num_train: int = 4096, num_test: int = 512,
+            num_classes: int = 10, seed: int = 0) -> str:
+    """Returns the directory of the set of these settings, generating it first if it is not there yet.
 
-    VERSION = tfds.core.Version(DATASET_VERSION)
-    RELEASE_NOTES = {"1.0.0": "Hue, shape and texture coded the class.",
-                     "2.0.0": "Shape and texture code the class; the main object's hue is drawn per instance."}
-    BUILDER_CONFIGS = [make_config()]
+    Args:
+      data_dir: directory holding prepared sets (e.g. /tmp/insloc_data).
+      image_size: side of the square images in pixels.
+      num_train: images in the `train` split.
+      num_test: images in the held-out `test` split.
+      num_classes: number of classes (at most MAX_CLASSES: the shape x texture combinations).
+      seed: generation seed.
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        size = self.builder_config.image_size
-        return self.dataset_info_from_configs(
-            description="Procedural textured shapes on textured backgrounds, labelled by main-object class.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(size, size, 3), encoding_format="jpeg"),
-                "label": tfds.features.ClassLabel(num_classes=self.builder_config.num_classes),
-                "index": np.int64,
-            }),
-            supervised_keys=("image", "label"),
-        )
+    Returns:
+      The set's directory (layout in the module docstring).
+    """
+    fields = dict(image_size=int(image_size), num_train=int(num_train), num_test=int(num_test),
+                  num_classes=int(num_classes), seed=int(seed))
+    if fields["image_size"] < 8 or fields["num_train"] < 1 or fields["num_test"] < 0:
+        raise ValueError(f"the embedded dataset needs image_size >= 8, num_train >= 1 and num_test >= 0, got "
+                         f"{fields}")
+    if not 1 <= fields["num_classes"] <= MAX_CLASSES:
+        raise ValueError(f"num_classes must be in 1..{MAX_CLASSES} (shape x texture), got {num_classes}")
+    final = dataset_dir(data_dir, **fields)
+    if _is_complete(final):
+        return final
+    parent, version = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    _remove_leftovers(parent, version)
+    work = os.path.join(parent, f"{version}{_INCOMPLETE}{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        _generate(work, fields)
+        try:
+            os.rename(work, final)  # atomic: the set appears complete or not at all
+        except OSError as err:
+            if not _is_complete(final):  # else another process finished the same set first
+                raise FileExistsError(f"{final} exists but is not a complete embedded dataset (it has no "
+                                      "info.json): remove it and run again") from err
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing to download
-        cfg = self.builder_config
-        return {"train": self._generate_examples("train", cfg.num_train),
-                "test": self._generate_examples("test", cfg.num_test)}
 
-    def _generate_examples(self, split: str, count: int):
-        cfg = self.builder_config
-        draw = functools.partial(_draw_indexed, cfg.seed, SPLIT_IDS[split], cfg.image_size, cfg.num_classes)
-        for i, image, label in _map_in_parallel(draw, count):
-            yield i, {"image": image, "label": label, "index": i}
+def _is_complete(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, "info.json"))
 
 
-def _draw_indexed(seed: int, split_id: int, size: int, num_classes: int, index: int):
-    return (index, *generate_image(seed, split_id, index, size, num_classes))
+def _remove_leftovers(parent: str, version: str) -> None:
+    """Removes temporary directories of generations on this host whose process is gone (killed runs)."""
+    prefix = f"{version}{_INCOMPLETE}{socket.gethostname()}-"
+    for entry in os.listdir(parent):
+        pid = entry[len(prefix):]
+        if entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
-def _map_in_parallel(draw, count: int):
-    """draw(i) for i in range(count), in order; on every core once the split is large enough to pay for
-    starting the workers (each image depends on its index alone, so the result is the same)."""
-    workers = min(os.cpu_count() or 1, MAX_WORKERS)
-    if count < PARALLEL_FROM or workers < 2:
-        yield from map(draw, range(count))
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _generate(work: str, fields: dict) -> None:
+    """Writes every image, the file lists and info.json into `work`."""
+    counts = {"train": fields["num_train"], "test": fields["num_test"]}
+    tasks = []
+    for split, count in counts.items():
+        os.makedirs(os.path.join(work, split))
+        tasks += [(split, start, min(start + BLOCK, count)) for start in range(0, count, BLOCK)]
+    labels = {split: np.zeros(count, np.int64) for split, count in counts.items()}
+    write = functools.partial(_write_block, work, fields["seed"], fields["image_size"], fields["num_classes"])
+    total = sum(counts.values())
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="generating the embedded dataset", unit=" images", delay=2.0,
+              mininterval=0.5) as bar:
+        for split, start, block in _map_blocks(write, tasks, total):
+            labels[split][start:start + len(block)] = block
+            bar.update(len(block))
+    for split, count in counts.items():
+        with open(os.path.join(work, f"{split}.txt"), "w") as f:
+            f.writelines(f"{_file_name(split, i)} {label}\n" for i, label in enumerate(labels[split]))
+    info = dict(fields, version=DATASET_VERSION, format=f"JPEG quality {JPEG_QUALITY}", splits=counts)
+    with open(os.path.join(work, "info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+
+
+def _map_blocks(write, tasks, total: int):
+    """write(*task) for every task; on every core once the set is large enough to pay for starting the
+    workers (each image depends on its index alone, so the files are the same)."""
+    workers = min(os.cpu_count() or 1, MAX_WORKERS, len(tasks))
+    if total < PARALLEL_FROM or workers < 2:
+        yield from (write(*task) for task in tasks)
         return
-    # Spawned, not forked: the parent has TensorFlow's and JAX's threads running.
+    # Spawned, not forked: the parent may have JAX's threads running.
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_keep_freed_memory) as pool:
-        yield from pool.imap(draw, range(count), chunksize=64)
+        yield from pool.imap_unordered(_star, [(write, task) for task in tasks])
 
 
 def _keep_freed_memory() -> None:
@@ -133,6 +191,30 @@ def _keep_freed_memory() -> None:
     mallopt(trim_threshold, 256 << 20)
     mallopt(top_pad, 64 << 20)
     mallopt(mmap_threshold, 32 << 20)
+
+
+def _star(job):
+    write, task = job
+    return write(*task)
+
+
+def _file_name(split: str, index: int) -> str:
+    return f"{split}/{index:06d}.jpg"
+
+
+def _write_block(work: str, seed: int, size: int, num_classes: int, split: str, start: int, stop: int):
+    """Draws images start..stop-1 of a split and writes them as JPEG; returns (split, start, labels)."""
+    from PIL import Image
+
+    labels = []
+    for index in range(start, stop):
+        image, label = generate_image(seed, SPLIT_IDS[split], index, size, num_classes)
+        encoded = io.BytesIO()  # encoded in memory and written at once: faster than saving to the path
+        Image.fromarray(image).save(encoded, format="JPEG", quality=JPEG_QUALITY)
+        with open(os.path.join(work, _file_name(split, index)), "wb") as f:
+            f.write(encoded.getbuffer())
+        labels.append(label)
+    return split, start, labels
 
 
 def _buffers(size: int):
@@ -227,23 +309,3 @@ def _span(axis: np.ndarray, centre: float, reach: float) -> slice:
     low = int(np.floor((centre - reach + 1.0) / step)) - 1
     high = int(np.ceil((centre + reach + 1.0) / step)) + 2
     return slice(max(low, 0), min(high, len(axis)))
-
-
-def prepare(data_dir: str, **config_kwargs) -> tfds.core.DatasetBuilder:
-    """Returns the builder for these sizes, generating the dataset into data_dir if it is not there yet.
-
-    Args:
-      data_dir: TFDS data directory (e.g. /tmp/insloc_data).
-      **config_kwargs: SyntheticConfig fields (image_size, num_train, num_test, num_classes, seed).
-
-    Returns:
-      A prepared tfds builder; read it with `builder.as_dataset(split=...)`.
-    """
-    config = make_config(**config_kwargs)
-    # tfds refuses a custom config named like a registered one: pass the registered one by name.
-    registered = {c.name for c in InslocSynthetic.BUILDER_CONFIGS}
-    builder = InslocSynthetic(config=config.name if config.name in registered else config, data_dir=data_dir)
-    if not builder.is_prepared():
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-    return builder

@@ -1,108 +1,117 @@
-"""From decoded samples to pairs of views: InsLoc composites (both background modes) or MoCo-v2 crops.
+"""From positions to pairs of views: InsLoc composites (both background modes) or MoCo-v2 crops.
 
-All functions are tf.data map functions on the dicts made by `order.samples`; their randomness is keyed
-by the sample's position, so any sample can be rebuilt on its own.
+`Chunks(...)(c)` makes chunk c: the samples of G consecutive local positions c * G .. c * G + G - 1 of one
+process, as arrays with a leading [G] dim. A chunk is a pure function of its index (every random draw is
+keyed by the sample's global position, `seeds`), so Grain workers can make chunks in any order and any
+chunk can be rebuilt on its own.
 
 Background modes:
   dataset: each view's background is a uniformly random image of the dataset, decoded for this sample
            (two extra reads and decodes per sample, as the original).
-  stream:  samples are taken in groups of `group` consecutive positions; each view's background is another
-           member of its group, drawn uniformly (never the foreground itself). The group was shuffled into
-           the stream, so this is a random image too, and it costs no extra read or decode: every decoded
-           image is resized once to the canvas and serves as a background for its neighbours.
+  stream:  a chunk is a group of G = stream_group consecutive positions; each view's background is another
+           member of its group, drawn uniformly (never the foreground itself). The group holds images of a
+           random permutation, so this is a random image too, and it costs no extra read or decode: every
+           decoded image is resized once to the canvas and serves as a background for its neighbours.
 """
-import tensorflow as tf
+import dataclasses
 
-from insloc_jax.data import augment, compose, seeds
+import numpy as np
 
+from insloc_jax.data import augment, compose, order, seeds
+from insloc_jax.data.sources import Source
 
-def foreground_layers(sample, root, canvas_size, fg_size_range):
-    """Adds "layers" (uint8 [2, S, S, 3]) and "boxes" (float32 [2, 4]) for the two views."""
-    layers, boxes = [], []
-    for view in range(2):
-        seed = seeds.derive(root, seeds.VIEW, sample["position"], view)
-        layer, box = compose.foreground_layer(sample["image"], seed, canvas_size, fg_size_range)
-        layers.append(layer)
-        boxes.append(box)
-    return dict(sample, layers=tf.stack(layers), boxes=tf.stack(boxes))
+MODES = ("insloc", "moco")
+BACKGROUND_MODES = ("stream", "dataset")
+CHUNK = 8  # samples per chunk when samples are independent (moco, dataset backgrounds)
 
 
-def stream_background(sample, root, canvas_size, group):
-    """Prepares a sample for its stream group.
+@dataclasses.dataclass(frozen=True)
+class Chunks:
+    """Picklable chunk maker (Grain ships it to its worker processes).
 
-    Replaces the decoded image by its canvas-sized version (the background it offers to its group) and
-    draws, per view, which other member lends the background: "partner_offset" int32 [2] in [0, group - 1),
-    the partner being (member + 1 + offset) mod group.
+    Attributes:
+      source: the image source.
+      seed: run seed.
+      size: G, samples per chunk (stream_group in the stream background mode).
+      per_host_batch, process_index, process_count: map local positions to global ones (order.py).
+      mode, canvas_size, fg_size_range, moco_size, background_mode: the view settings (pipeline.py).
+      augment_on: "device" adds the augmentation parameters, "host" applies them.
     """
-    out = {k: v for k, v in sample.items() if k != "image"}
-    out["background"] = compose.resize_uint8(sample["image"], [canvas_size, canvas_size])
-    offsets = [tf.random.stateless_uniform([], seeds.derive(root, seeds.BACKGROUND, sample["position"], view),
-                                           0, group - 1, dtype=tf.int32) for view in range(2)]
-    out["partner_offset"] = tf.stack(offsets)
-    return out
+    source: Source
+    seed: int
+    size: int
+    per_host_batch: int
+    process_index: int
+    process_count: int
+    mode: str
+    canvas_size: int
+    fg_size_range: tuple
+    moco_size: int
+    background_mode: str
+    augment_on: str
 
+    def __call__(self, chunk: int) -> dict:
+        """Chunk `chunk`: {"images" uint8 [G, 2, S, S, 3] (float32 for augment_on="host"), "boxes"
+        float32 [G, 2, 4], "index" int64 [G], "position" int64 [G] (global), "skipped" int32 [G], plus
+        "aug_apply" bool [G, 2, 4], "aug_factors" float32 [G, 2, 4], "aug_order" int32 [G, 2, 4],
+        "aug_sigma" float32 [G, 2] for augment_on="device"}."""
+        local = np.arange(chunk * self.size, (chunk + 1) * self.size)
+        positions = order.global_position(local, self.per_host_batch, self.process_index, self.process_count)
+        decoded = [order.decode_with_fallbacks(self.source, order.image_index(
+            self.source.num_examples, q, self.seed), int(q), self.seed) for q in positions]
+        if self.mode == "moco":
+            samples = [self._moco(image, q) for (_, _, image), q in zip(decoded, positions)]
+        elif self.background_mode == "stream":
+            samples = self._stream_group(decoded, positions)
+        else:
+            samples = [self._on_dataset_backgrounds(image, q) for (_, _, image), q in zip(decoded, positions)]
+        out = {key: np.stack([s[key] for s in samples]) for key in samples[0]}
+        out["index"] = np.array([i for _, i, _ in decoded], np.int64)
+        out["position"] = positions.astype(np.int64)
+        out["skipped"] = np.array([k for k, _, _ in decoded], np.int32) + out.pop("bg_skipped", 0)
+        return out
 
-def compose_group(group):
-    """Composites a group of G samples, each view pasted on another member's background.
+    def _moco(self, image, position):
+        views = [compose.moco_view(image, seeds.rng(self.seed, seeds.VIEW, position, v), self.moco_size)
+                 for v in range(2)]
+        return self._finish([v[0] for v in views], [v[1] for v in views], position)
 
-    Args:
-      group: batched samples with "layers" [G, 2, S, S, 3], "boxes" [G, 2, 4], "background" [G, S, S, 3],
-        "partner_offset" [G, 2].
+    def _layers(self, image, position):
+        return [compose.foreground(image, seeds.rng(self.seed, seeds.VIEW, position, v), self.canvas_size,
+                                   tuple(self.fg_size_range)) for v in range(2)]
 
-    Returns:
-      The group with "images" uint8 [G, 2, S, S, 3] instead of layers, backgrounds and offsets.
-    """
-    size = tf.shape(group["partner_offset"])[0]
-    members = tf.range(size)[:, None]  # [G, 1]
-    partners = (members + 1 + group["partner_offset"]) % size  # [G, 2], never the member itself
-    backgrounds = tf.gather(group["background"], partners)  # [G, 2, S, S, 3]
-    out = {k: v for k, v in group.items() if k not in ("layers", "background", "partner_offset")}
-    out["images"] = compose.paste(group["layers"], group["boxes"], backgrounds)
-    return out
+    def _stream_group(self, decoded, positions):
+        side = (self.canvas_size, self.canvas_size)
+        backgrounds = [compose.resize_uint8(image, side) for _, _, image in decoded]
+        samples = []
+        for member, ((_, _, image), q) in enumerate(zip(decoded, positions)):
+            layers = self._layers(image, q)
+            # Another member of the group per view: (member + 1 + offset) mod G, offset in [0, G - 1).
+            partners = [(member + 1 + seeds.rng(self.seed, seeds.BACKGROUND, q, v).integers(self.size - 1))
+                        % self.size for v in range(2)]
+            images = [compose.paste(patch, box, backgrounds[p]) for (patch, box), p in zip(layers, partners)]
+            samples.append(self._finish(images, [box for _, box in layers], q))
+        return samples
 
+    def _on_dataset_backgrounds(self, image, position):
+        draws = seeds.rng(self.seed, seeds.BACKGROUND, position).integers(0, self.source.num_examples, 2)
+        side = (self.canvas_size, self.canvas_size)
+        images, boxes, skipped = [], [], 0
+        for v, (patch, box) in enumerate(self._layers(image, position)):
+            tries, _, background = order.decode_with_fallbacks(self.source, int(draws[v]), int(position),
+                                                               self.seed, purpose=v + 1)
+            images.append(compose.paste(patch, box, compose.resize_uint8(background, side)))
+            boxes.append(box)
+            skipped += tries
+        return dict(self._finish(images, boxes, position), bg_skipped=np.int32(skipped))
 
-def compose_from_dataset(sample, canvas_size):
-    """Composites both views on their own dataset backgrounds ("backgrounds": two decoded images)."""
-    backgrounds = tf.stack([compose.resize_uint8(b, [canvas_size, canvas_size])
-                            for b in sample["backgrounds"]])  # [2, S, S, 3]
-    images = compose.paste(sample["layers"], sample["boxes"], backgrounds)
-    out = {k: v for k, v in sample.items() if k not in ("layers", "backgrounds", "image")}
-    out["images"] = images
-    return out
-
-
-def moco_views(sample, root, size):
-    """Two MoCo-v2 RandomResizedCrop views: "images" uint8 [2, size, size, 3], "boxes" [2, 4]."""
-    images, boxes = [], []
-    for view in range(2):
-        seed = seeds.derive(root, seeds.VIEW, sample["position"], view)
-        image, box = compose.moco_view(sample["image"], seed, size)
-        images.append(image)
-        boxes.append(box)
-    out = {k: v for k, v in sample.items() if k != "image"}
-    out.update(images=tf.stack(images), boxes=tf.stack(boxes))
-    return out
-
-
-def augment_params(sample, root):
-    """Adds the two views' augmentation parameters, stacked: "aug_apply" bool [2, 4], "aug_factors"
-    float32 [2, 4], "aug_order" int32 [2, 4], "aug_sigma" float32 [2]."""
-    params = [augment.sample_params(seeds.derive(root, seeds.AUGMENT, sample["position"], view))
-              for view in range(2)]
-    out = dict(sample)
-    for key in params[0]:
-        out["aug_" + key] = tf.stack([p[key] for p in params])
-    return out
-
-
-def augment_on_host(sample):
-    """Applies the sampled augmentation: "images" become float32 normalised, boxes follow the flip."""
-    images, boxes = [], []
-    for view in range(2):
-        params = {key: sample["aug_" + key][view] for key in ("apply", "factors", "order", "sigma")}
-        image, box = augment.augment(sample["images"][view], sample["boxes"][view], params)
-        images.append(image)
-        boxes.append(box)
-    out = {k: v for k, v in sample.items() if not k.startswith("aug_")}
-    out.update(images=tf.stack(images), boxes=tf.stack(boxes))
-    return out
+    def _finish(self, images, boxes, position):
+        """One sample: stacks the two views and adds (device) or applies (host) their augmentation."""
+        params = [augment.sample_params(seeds.rng(self.seed, seeds.AUGMENT, position, v)) for v in range(2)]
+        if self.augment_on == "host":
+            done = [augment.augment(img, box, p) for img, box, p in zip(images, boxes, params)]
+            return {"images": np.stack([d[0] for d in done]), "boxes": np.stack([d[1] for d in done])}
+        out = {"images": np.stack(images), "boxes": np.stack(boxes).astype(np.float32)}
+        for key in params[0]:
+            out["aug_" + key] = np.stack([p[key] for p in params])
+        return out
