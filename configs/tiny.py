@@ -15,6 +15,7 @@ def get_config():
     c.data.fg_size_range = (32, 63)
     c.data.moco_size = 48
     c.data.num_workers = 0
+    c.data.stream_group = 8  # divides the per-host batch of 2 processes (8), as several hosts require
     c.train.global_batch = 16
     c.train.total_steps = 6
     c.train.log_every = 1
