@@ -14,8 +14,11 @@
 # baseline, whose input is already augmented) | float32 | at 64 and 32 | without box augmentation | C4 at
 # 64 | torch C4 compile | torch FPN float32 eager.
 # Everything goes to stdout and to $OUT/benchmarks.txt (./benchmarks.txt when OUT is unset). PYTHON must
-# have jax with CUDA, flax, optax, torch and torchvision; no TensorFlow, no ml_collections. The end-to-end
-# figure (scripts/benchmark.py --end_to_end) needs TensorFlow and is not part of this driver.
+# have jax with CUDA, flax, optax, torch and torchvision; no TensorFlow, no ml_collections. Where it also
+# has grain (and the trainer's other needs: `bash scripts/gpu_wheels.sh` here downloads the wheels a GPU
+# image lacks, installed there as that script says), the JAX InsLoc-FPN run is also fed end to end by the
+# real input pipeline, one worker per core, from 512 ImageNet-like JPEGs written first by
+# scripts/benchmark_input.py, which then times the host side on 1 and on every core.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -53,7 +56,13 @@ FPN=configs/insloc_fpn_200ep.py
 C4=configs/insloc_c4_200ep.py
 run 30 $TORCH --arch fpn --dtype bfloat16 --mode eager --per_device_batch 128
 run 20 $TORCH --arch c4 --dtype bfloat16 --mode eager --per_device_batch 128
-run 240 $JAX --config $FPN --dtype bfloat16 --per_device_batch 128 --profile "${OUT:-.}/profiles"
+FED=()
+if $PYTHON -c "import grain" 2>/dev/null; then
+    JPEGS=/tmp/insloc_bench_imagenet_like
+    run 60 $PYTHON -u scripts/benchmark_input.py --image_dir $JPEGS --workers 1 "$(nproc)" --batches 10
+    FED=(--end_to_end --config.data.source.kind=folder --config.data.source.root=$JPEGS)
+fi
+run 240 $JAX --config $FPN --dtype bfloat16 --per_device_batch 128 --profile "${OUT:-.}/profiles" "${FED[@]}"
 run 200 $JAX --config $C4 --dtype bfloat16 --per_device_batch 128
 run 120 $TORCH --arch fpn --dtype bfloat16 --mode compile --per_device_batch 128
 run 120 env XLA_FLAGS=--xla_gpu_autotune_level=0 $JAX --config $FPN --dtype bfloat16 --per_device_batch 128
