@@ -70,7 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.canvas_size = 256  # InsLoc composite side
     c.data.fg_size_range = (128, 255)  # pasted foreground target size, integers in [low, high)
     c.data.moco_size = 224  # MoCo view side
-    c.data.background_mode = "stream"  # stream (other decoded images) | dataset (two random images)
+    # dataset: each view's background is a random image of the whole dataset, as in the original (three
+    # decodes per sample) | stream: another image of the same stream group (one decode; 2.7x the host rate)
+    c.data.background_mode = "dataset"
     c.data.stream_group = 16  # stream mode: consecutive samples that lend each other their backgrounds
     c.data.augment_on = "device"  # device (inside the jitted step) | host (in the input workers)
     c.data.num_workers = -1  # input worker processes: -1 = one per core, 0 = threads in the training process
@@ -102,7 +104,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch = 256  # all devices of all hosts together
-    c.train.ghost_groups = 1  # BN groups per device (1 device with G groups = G devices' per-device BN)
+    # Images per BatchNorm group, as the original's 32 per GPU: each device's batch is normalised in
+    # per-device batch / 32 groups, so any device count keeps the statistics (0 = each device's whole batch)
+    c.train.bn_group_size = 32
+    c.train.ghost_groups = 1  # with bn_group_size 0: BN groups per device (G groups = G devices' BN)
     c.train.parallel = "pmap"  # pmap | shard_map
     c.train.total_steps = 0  # stop after this many steps; 0 = epochs x steps per epoch
     c.train.log_every = 50  # steps between metric lines / TensorBoard points

@@ -1,7 +1,8 @@
 """The tiny InsLoc-FPN run the tests use: a few-channel ResNet-18 on 64x64 composites of the embedded
 dataset, 16 samples per step. Builds and steps in seconds on a CPU; it learns nothing useful. Its samples are
 made in the training process (data.num_workers = 0): starting worker processes would cost more than its
-few steps take."""
+few steps take. Its backgrounds come from the stream group (one decode per sample) and BatchNorm normalises
+each device's whole batch (train.bn_group_size = 0), so any device count the tests simulate divides it."""
 from configs import base
 
 
@@ -15,8 +16,10 @@ def get_config():
     c.data.fg_size_range = (32, 63)
     c.data.moco_size = 48
     c.data.num_workers = 0
+    c.data.background_mode = "stream"
     c.data.stream_group = 8  # divides the per-host batch of 2 processes (8), as several hosts require
     c.train.global_batch = 16
+    c.train.bn_group_size = 0
     c.train.total_steps = 6
     c.train.log_every = 1
     c.train.checkpoint_every = 3

@@ -1,13 +1,14 @@
 """From a run config (configs/*.py) to the objects of a run; every derived value is computed here.
 
-Derived values: the per-device batch (global batch over all devices), the learning rate (linear scaling),
-steps per epoch and total steps, the encoder's kwargs, the step's static settings and the anchors.
+Derived values: the per-device batch (global batch over all devices), BatchNorm groups per device, the
+learning rate (linear scaling), steps per epoch and total steps, the encoder's kwargs, the step's static
+settings and the anchors.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import jax.numpy as jnp
 import ml_collections
@@ -72,6 +73,7 @@ class Derived:
       steps_per_epoch: global_batch-sized steps in one pass over the data.
       total_steps: steps of the run.
       image_size: input side (canvas_size for InsLoc, moco_size for MoCo).
+      bn_groups: BatchNorm groups each device's batch is normalised in (bn_groups).
     """
 
     per_device_batch: int
@@ -80,6 +82,7 @@ class Derived:
     steps_per_epoch: int
     total_steps: int
     image_size: int
+    bn_groups: int = 1
 
 
 def derive(config: ml_collections.ConfigDict, num_devices: int, num_examples: int) -> Derived:
@@ -97,9 +100,7 @@ def derive(config: ml_collections.ConfigDict, num_devices: int, num_examples: in
     if global_batch % num_devices:
         raise ConfigError(f"train.global_batch={global_batch} must be divisible by the {num_devices} devices")
     per_device = global_batch // num_devices
-    if per_device % config.train.ghost_groups:
-        raise ConfigError(f"per-device batch {per_device} must be divisible by train.ghost_groups="
-                          f"{config.train.ghost_groups}")
+    groups = bn_groups(config, per_device)
     if config.contrast.queue_size % global_batch:
         raise ConfigError(f"contrast.queue_size={config.contrast.queue_size} must be a multiple of "
                           f"train.global_batch={global_batch}")
@@ -116,7 +117,35 @@ def derive(config: ml_collections.ConfigDict, num_devices: int, num_examples: in
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         image_size=image_size,
+        bn_groups=groups,
     )
+
+
+def bn_groups(config: ml_collections.ConfigDict, per_device_batch: int) -> int:
+    """BatchNorm groups per device: per_device_batch / train.bn_group_size, or train.ghost_groups when
+    bn_group_size is 0.
+
+    The original normalises over the 32 images of each of its 8 GPUs; a group size of 32 gives every batch
+    norm those statistics on any device count (one GPU with a batch of 256 normalises 8 groups of 32).
+
+    Raises:
+      ConfigError: the group size does not divide the per-device batch, or both fields are set.
+    """
+    size, ghost = config.train.get("bn_group_size", 0), config.train.ghost_groups
+    if not size:
+        if per_device_batch % ghost:
+            raise ConfigError(f"per-device batch {per_device_batch} must be divisible by train.ghost_groups="
+                              f"{ghost}")
+        return ghost
+    if ghost != 1:
+        raise ConfigError(f"train.bn_group_size={size} and train.ghost_groups={ghost} both set the BatchNorm "
+                          "groups: keep one (set the other to 0 / 1)")
+    if size < 0 or per_device_batch % size:
+        raise ConfigError(
+            f"train.bn_group_size={size} must divide the per-device batch {per_device_batch} "
+            f"(train.global_batch / devices): choose a global batch that gives each device a multiple of {size}, "
+            "or another train.bn_group_size (0 = normalise each device's whole batch)")
+    return per_device_batch // size
 
 
 def check_export_format(fmt: str) -> None:
@@ -143,21 +172,23 @@ def source_spec(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     return {"kind": source.kind, **{k: v for k, v in fields.items() if v not in ("", None)}}
 
 
-def encoder_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-    """Plain kwargs of `models.encoder.Encoder` from `config.model` and `config.train.ghost_groups`."""
+def encoder_kwargs(config: ml_collections.ConfigDict, derived: Optional[Derived] = None) -> Dict[str, Any]:
+    """Plain kwargs of `models.encoder.Encoder` from `config.model` and the run's BatchNorm groups
+    (`derived.bn_groups`; without `derived`, train.ghost_groups: enough for inference, where batch norm uses
+    its running statistics)."""
     m = config.model
     return dict(
         arch=m.arch, depth=m.depth, width=m.width, dim=m.dim, fpn_dim=m.fpn_dim, head_convs=m.head_convs,
         head_conv_dim=m.head_conv_dim, head_fcs=m.head_fcs, head_fc_dim=m.head_fc_dim,
         head_out_init_std=m.head_out_init_std, mlp_dim=m.mlp_dim,
         roi_size=m.roi_size or None, sampling_ratio=m.sampling_ratio, dtype=DTYPES[m.dtype],
-        bn_num_groups=config.train.ghost_groups,
+        bn_num_groups=derived.bn_groups if derived else config.train.ghost_groups,
     )
 
 
-def make_encoder(config: ml_collections.ConfigDict) -> Encoder:
-    """The encoder module of the run (query and key share it)."""
-    return Encoder(**encoder_kwargs(config))
+def make_encoder(config: ml_collections.ConfigDict, derived: Optional[Derived] = None) -> Encoder:
+    """The encoder module of the run (query and key share it); pass `derived` wherever it trains."""
+    return Encoder(**encoder_kwargs(config, derived))
 
 
 def step_config(config: ml_collections.ConfigDict) -> StepConfig:

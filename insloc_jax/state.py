@@ -98,7 +98,7 @@ def initial_state(config, derived=None, abstract: bool = False) -> TrainState:
 
     derived = derived or config_lib.derive(config, num_devices=1, num_examples=config.train.global_batch)
     tx, _ = config_lib.make_optimizer(config, derived)
-    encoder = config_lib.make_encoder(config)
+    encoder = config_lib.make_encoder(config, derived)
 
     def make():
         return create_state(encoder, tx, jax.random.PRNGKey(config.seed), derived.image_size,

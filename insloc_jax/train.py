@@ -167,7 +167,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[in
         source = open_training_source(config)
     with phases("setup"):
         derived = config_lib.derive(config, jax.device_count(), source.num_examples)
-        encoder = config_lib.make_encoder(config)
+        encoder = config_lib.make_encoder(config, derived)
         tx, schedule = config_lib.make_optimizer(config, derived)
         checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
         state = restore_or_create(config, derived, checkpointer)

@@ -143,7 +143,7 @@ def build(config, num_examples: int):
     from insloc_jax.step import compile_step, train_step
 
     derived = config_lib.derive(config, jax.device_count(), num_examples)
-    encoder = config_lib.make_encoder(config)
+    encoder = config_lib.make_encoder(config, derived)
     tx, schedule = config_lib.make_optimizer(config, derived)
     # One jitted init instead of hundreds of op-by-op dispatches (matters on GPUs).
     init = jax.jit(lambda rng: create_state(encoder, tx, rng, derived.image_size, config.contrast.queue_size))

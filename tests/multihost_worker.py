@@ -45,7 +45,7 @@ def main():
     config = tiny.get_config()
     derived = config_lib.derive(config, jax.device_count(), num_examples=10 * GLOBAL)
     tx, schedule = config_lib.make_optimizer(config, derived)
-    per_device = functools.partial(train_step, encoder=config_lib.make_encoder(config), tx=tx, schedule=schedule,
+    per_device = functools.partial(train_step, encoder=config_lib.make_encoder(config, derived), tx=tx, schedule=schedule,
                                    anchors=config_lib.anchors(config, derived.image_size),
                                    config=config_lib.step_config(config))
     step_fn = compile_step(per_device, "pmap")

@@ -46,7 +46,9 @@ def test_published_config_builds_and_steps_at_full_size(name):
     assert config.model.arch == arch and config.model.depth == 50 and config.optim.epochs == epochs
     assert derived.global_batch == 256 and derived.per_device_batch == 32
     assert derived.peak_lr == pytest.approx(0.03) and derived.total_steps == 5004 * epochs
-    encoder = config_lib.make_encoder(config)
+    assert config.data.background_mode == "dataset"  # one random image of the dataset per view
+    encoder = config_lib.make_encoder(config, derived)
+    assert encoder.bn_num_groups == 1  # 8 devices x 32 images: one BN group of 32 each, as the original
     tx, schedule = config_lib.make_optimizer(config, derived)
     state = jax.eval_shape(functools.partial(create_state, encoder, tx, image_size=derived.image_size,
                                              queue_size=config.contrast.queue_size), jax.random.PRNGKey(0))
@@ -64,3 +66,31 @@ def test_published_config_builds_and_steps_at_full_size(name):
         jax.tree.map(lambda x: (x.shape, x.dtype), replicated)
     assert metrics["loss"].shape == (DEVICES,)
     assert {f"loss_{level}" for level in range(levels)} <= set(metrics)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("devices,groups", [(1, 8), (2, 4), (4, 2), (8, 1)])
+def test_published_configs_normalise_groups_of_32_on_any_device_count(name, devices, groups):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    derived = config_lib.derive(config, devices, IMAGENET_TRAIN)
+    assert derived.per_device_batch == 256 // devices and derived.bn_groups == groups
+    assert config_lib.make_encoder(config, derived).bn_num_groups == groups
+    assert derived.per_device_batch // groups == 32
+
+
+def test_bn_group_size_that_does_not_divide_the_device_batch_is_one_clear_error():
+    config = importlib.import_module("configs.insloc_fpn_200ep").get_config()
+    with pytest.raises(config_lib.ConfigError, match=r"bn_group_size=32 must divide the per-device batch 16"):
+        config_lib.derive(config, 16, IMAGENET_TRAIN)
+    config.train.ghost_groups = 4
+    with pytest.raises(config_lib.ConfigError, match="both set the BatchNorm groups"):
+        config_lib.derive(config, 1, IMAGENET_TRAIN)
+    config.train.bn_group_size = 0  # the explicit form alone still works
+    assert config_lib.derive(config, 1, IMAGENET_TRAIN).bn_groups == 4
+
+
+@pytest.mark.parametrize("name", ["demo", "tiny"])
+def test_demo_and_tiny_keep_the_cheaper_settings(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.data.background_mode == "stream" and config.train.bn_group_size == 0
+    assert config_lib.derive(config, 8, 4096).bn_groups == 1  # any device count that divides the batch

@@ -1,4 +1,5 @@
-"""The batch pipeline: 8-device layout, determinism, resume, host sharding, stream backgrounds, workers."""
+"""The batch pipeline: 8-device layout, determinism, resume, host sharding, stream and dataset backgrounds,
+workers."""
 import jax
 import numpy as np
 import pytest
@@ -101,6 +102,32 @@ def test_stream_backgrounds_are_other_images_of_the_group(spec):
                       for i in index}
             matches = [i for i, e in errors.items() if e <= 1.01]
             assert matches and index[k] not in matches, (k, errors)
+
+
+def _background_sources(composites, boxes, references):
+    """For each composite [N, S, S, 3] with its pasted box [N, 4], the reference images (a dict index ->
+    [S, S, 3] resized image) whose pixels outside the box it shows, to bilinear rounding."""
+    found = []
+    for image, box in zip(composites, boxes.astype(int)):
+        outside = np.ones(image.shape[:2], bool)
+        outside[box[1]:box[3], box[0]:box[2]] = False
+        found.append({i for i, ref in references.items() if np.abs(image[outside] - ref[outside]).max() <= 1.01})
+    return found
+
+
+def test_dataset_backgrounds_are_random_images_of_the_whole_dataset_one_per_view(spec):
+    # The original's rule: each view is pasted on an image drawn from the whole dataset, independently per
+    # view (the stream mode instead lends backgrounds within the batch's group).
+    references = {int(e["index"]): np_bilinear(e["image"], CANVAS, CANVAS)
+                  for e in sources.examples(sources.open_source(spec))}
+    batch = next(_pipe(spec, background_mode="dataset", per_device_batch=2))
+    own = set(batch["index"].ravel().tolist())
+    found = [_background_sources(batch[f"image{v}"].reshape(16, CANVAS, CANVAS, 3),
+                                 batch[f"boxes{v}"].reshape(16, 4), references) for v in (1, 2)]
+    assert all(len(f) >= 1 for view in found for f in view)  # every background is a dataset image
+    backgrounds = [min(f) for view in found for f in view]
+    assert len(set(backgrounds) - own) > 8  # 32 draws from 48 images, most of them outside the batch
+    assert sum(a == b for a, b in zip(*[[min(f) for f in view] for view in found])) < 4  # views differ
 
 
 def test_device_augmentation_equals_host_augmentation(spec):
