@@ -16,90 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BLOCKS = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]),
-          50: ("bottleneck", [3, 4, 6, 3]), 101: ("bottleneck", [3, 4, 23, 3])}
+from reference.models import ConvBN as ConvModule  # mmcv ConvModule with BN
+from reference.models import ResNet, stage
 
 
-def conv(cin, cout, k, stride=1):
-    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, cin, planes, stride):
-        super().__init__()
-        self.conv1, self.bn1 = conv(cin, planes, 3, stride), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = conv(planes, planes, 3), nn.BatchNorm2d(planes)
-        self.downsample = None
-        if stride != 1 or cin != planes:
-            self.downsample = nn.Sequential(conv(cin, planes, 1, stride), nn.BatchNorm2d(planes))
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, cin, planes, stride):
-        super().__init__()
-        cout = planes * 4
-        self.conv1, self.bn1 = conv(cin, planes, 1), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = conv(planes, planes, 3, stride), nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = conv(planes, cout, 1), nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-def make_layer(kind, cin, planes, blocks, stride):
-    block = BasicBlock if kind == "basic" else Bottleneck
-    layers = [block(cin, planes, stride)] + [block(planes * block.expansion, planes, 1) for _ in range(1, blocks)]
-    return nn.Sequential(*layers), planes * block.expansion
-
-
-class TorchResNet(nn.Module):
+def TorchResNet(depth=50, num_stages=4):  # noqa: N802 (a class in spirit: the torchvision-named model)
     """torchvision ResNet without avgpool / fc; forward returns {"res2": .., "res5": ..}."""
-
-    def __init__(self, depth=50, num_stages=4):
-        super().__init__()
-        kind, blocks = BLOCKS[depth]
-        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        cin = 64
-        self.num_stages = num_stages
-        for i in range(num_stages):
-            layer, cin = make_layer(kind, cin, 64 * 2**i, blocks[i], 1 if i == 0 else 2)
-            setattr(self, f"layer{i + 1}", layer)
-
-    def forward(self, x):
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        out = {}
-        for i in range(self.num_stages):
-            x = getattr(self, f"layer{i + 1}")(x)
-            out[f"res{i + 2}"] = x
-        return out
-
-
-class ConvModule(nn.Module):
-    """mmcv ConvModule with BN: `conv` (no bias) then `bn`, optional ReLU."""
-
-    def __init__(self, cin, cout, k, relu):
-        super().__init__()
-        self.conv, self.bn, self.relu = conv(cin, cout, k), nn.BatchNorm2d(cout), relu
-
-    def forward(self, x):
-        x = self.bn(self.conv(x))
-        return F.relu(x) if self.relu else x
+    return ResNet(depth, 64, num_stages)
 
 
 def roi_align_reference(feat, boxes, output_size, scale, sampling_ratio=0):
@@ -208,7 +131,7 @@ class MMDetInsLocC4(nn.Module):
         self.backbone = TorchResNet(50, num_stages=3)
         self.roi_head = nn.Module()
         self.roi_head.shared_head = nn.Module()
-        self.roi_head.shared_head.layer4, _ = make_layer("bottleneck", 1024, 512, 3, 2)
+        self.roi_head.shared_head.layer4, _ = stage("bottleneck", 1024, 512, 3, 2)
         self.roi_head.bbox_head = nn.Module()
         self.roi_head.bbox_head.shared_fcs = nn.ModuleList([nn.Linear(2048, 2048)])
         self.roi_head.bbox_head.fc_cls = nn.Linear(2048, 128)
