@@ -24,7 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.mlp_dim = 2048  # hidden width of the c4 / moco projection MLP
     c.model.roi_size = 0  # RoIAlign output side; 0 = 7 for fpn, 14 for c4
     c.model.sampling_ratio = 0  # RoIAlign samples per bin side; 0 = adaptive
-    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, BN stats, queues stay float32)
+    # compute dtype: float32 | bfloat16 (params, BN stats, queues stay float32) | float64 (verification only,
+    # with JAX_ENABLE_X64=1)
+    c.model.dtype = "float32"
 
     c.contrast = ml_collections.ConfigDict()
     c.contrast.queue_size = 65536  # K, keys per level; a multiple of the global batch

@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 from typing import Any, Dict, Optional
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -19,7 +20,8 @@ from insloc_jax.models.encoder import Encoder
 from insloc_jax.ops import boxes as box_ops
 from insloc_jax.step import StepConfig
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64 is a verification mode (tests/test_reference_step.py), under JAX_ENABLE_X64=1 only.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 class ConfigError(ValueError):
@@ -106,19 +108,27 @@ def derive(config: ml_collections.ConfigDict, num_devices: int, num_examples: in
                           f"train.global_batch={global_batch}")
     if config.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
+    if config.model.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ConfigError("model.dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 (it is for verification; "
+                          "train in float32 or bfloat16)")
     check_export_format(config.train.get("export_format", ""))
     steps_per_epoch = max(1, num_examples // global_batch)
     total = config.train.total_steps or steps_per_epoch * config.optim.epochs
-    image_size = config.data.moco_size if config.data.mode == "moco" else config.data.canvas_size
+    size = input_size(config)
     return Derived(
         per_device_batch=per_device,
         global_batch=global_batch,
         peak_lr=optim.scaled_learning_rate(config.optim.base_lr, global_batch, config.optim.base_batch),
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
-        image_size=image_size,
+        image_size=size,
         bn_groups=groups,
     )
+
+
+def input_size(config: ml_collections.ConfigDict) -> int:
+    """The input side: canvas_size for InsLoc composites, moco_size for MoCo views."""
+    return config.data.moco_size if config.data.mode == "moco" else config.data.canvas_size
 
 
 def bn_groups(config: ml_collections.ConfigDict, per_device_batch: int) -> int:
@@ -181,9 +191,21 @@ def encoder_kwargs(config: ml_collections.ConfigDict, derived: Optional[Derived]
         arch=m.arch, depth=m.depth, width=m.width, dim=m.dim, fpn_dim=m.fpn_dim, head_convs=m.head_convs,
         head_conv_dim=m.head_conv_dim, head_fcs=m.head_fcs, head_fc_dim=m.head_fc_dim,
         head_out_init_std=m.head_out_init_std, mlp_dim=m.mlp_dim,
-        roi_size=m.roi_size or None, sampling_ratio=m.sampling_ratio, dtype=DTYPES[m.dtype],
+        roi_size=m.roi_size or None, sampling_ratio=m.sampling_ratio, roi_max_side=largest_box_side(config),
+        dtype=DTYPES[m.dtype],
         bn_num_groups=derived.bn_groups if derived else config.train.ghost_groups,
     )
+
+
+def largest_box_side(config: ml_collections.ConfigDict) -> float:
+    """The largest box side (input pixels) the encoder pools: the canvas, or the largest box-augmentation
+    anchor when one is larger (anchors can extend past a small canvas; RoIAlign's adaptive sampling needs a
+    static bound that covers them to stay exact)."""
+    size = input_size(config)
+    if not config.box_aug.levels:
+        return float(size)
+    grid = anchors(config, size)
+    return float(max(size, np.max(grid[:, 2:] - grid[:, :2])))
 
 
 def make_encoder(config: ml_collections.ConfigDict, derived: Optional[Derived] = None) -> Encoder:

@@ -10,6 +10,8 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from insloc_jax.precision import wide
+
 PyTree = Any
 
 
@@ -27,9 +29,9 @@ def momentum_update(key_tree: PyTree, query_tree: PyTree, momentum: float) -> Py
     return jax.tree.map(lambda k, q: momentum * k + (1.0 - momentum) * q, key_tree, query_tree)
 
 
-def init_queues(rng: jax.Array, levels: int, size: int, dim: int) -> jnp.ndarray:
-    """Random unit vectors, [levels, size, dim] float32 (the original initialises with normalised noise)."""
-    queue = jax.random.normal(rng, (levels, size, dim), jnp.float32)
+def init_queues(rng: jax.Array, levels: int, size: int, dim: int, dtype=jnp.float32) -> jnp.ndarray:
+    """Random unit vectors, [levels, size, dim] in `dtype` (the original initialises with normalised noise)."""
+    queue = jax.random.normal(rng, (levels, size, dim), dtype)
     return queue / jnp.linalg.norm(queue, axis=-1, keepdims=True)
 
 
@@ -51,14 +53,14 @@ def infonce_logits(query: jnp.ndarray, key: jnp.ndarray, queue: jnp.ndarray, tem
       [B, L, 1 + K] float32 logits, or [B, L, 1 + K + N - 1] with batch_keys (the other samples' keys last,
       in batch order).
     """
-    query = query.astype(jnp.float32)
-    key = jax.lax.stop_gradient(key.astype(jnp.float32))
+    query = query.astype(wide(query.dtype))
+    key = jax.lax.stop_gradient(key.astype(query.dtype))
     positive = jnp.sum(query * key, axis=-1, keepdims=True)  # [B, L, 1]
     negative = jnp.einsum("bld,lkd->blk", query, jax.lax.stop_gradient(queue))  # [B, L, K]
     parts = [positive, negative]
     if batch_keys is not None:
         n = batch_keys.shape[0]
-        everyone = jnp.einsum("bld,nld->bln", query, jax.lax.stop_gradient(batch_keys.astype(jnp.float32)))
+        everyone = jnp.einsum("bld,nld->bln", query, jax.lax.stop_gradient(batch_keys.astype(query.dtype)))
         slots = jnp.arange(n - 1)[None, :]
         others = slots + (slots >= own[:, None])  # [B, N-1]: every row but its own, in batch order
         parts.append(jnp.take_along_axis(everyone, others[:, None, :], axis=2))  # [B, L, N-1]
@@ -101,5 +103,6 @@ def enqueue(queue: jnp.ndarray, keys: jnp.ndarray, pointer: jnp.ndarray) -> Tupl
     if size % batch:
         raise ValueError(f"queue size {size} must be a multiple of the global batch {batch}")
     rows = jnp.swapaxes(keys, 0, 1).astype(queue.dtype)  # [L, G, D]
-    queue = jax.lax.dynamic_update_slice(queue, rows, (0, pointer, 0))
+    zero = jnp.zeros_like(pointer)  # indices of one integer type, also under 64-bit JAX
+    queue = jax.lax.dynamic_update_slice(queue, rows, (zero, pointer, zero))
     return queue, (pointer + batch) % size

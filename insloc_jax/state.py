@@ -13,6 +13,7 @@ from flax import struct
 
 from insloc_jax import contrast
 from insloc_jax.models.encoder import Encoder
+from insloc_jax.precision import wide
 
 PyTree = Any
 
@@ -78,7 +79,8 @@ def create_state(
         batch_stats=batch_stats,
         key_params=jax.tree.map(jnp.copy, params),
         key_batch_stats=jax.tree.map(jnp.copy, batch_stats),
-        queues=contrast.init_queues(queue_rng, encoder.num_levels, queue_size, encoder.dim),
+        queues=contrast.init_queues(queue_rng, encoder.num_levels, queue_size, encoder.dim,
+                                    wide(encoder.dtype)),
         queue_ptr=jnp.zeros((), jnp.int32),
         opt_state=tx.init(params),
         rng=run_rng,

@@ -147,3 +147,22 @@ def test_ghost_groups_in_the_encoder_equal_per_device_training():
 def test_unknown_arch_is_rejected():
     with pytest.raises(ValueError, match="arch"):
         Encoder("detr").init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 1, 4)), train=False)
+
+
+def test_pooling_is_exact_for_anchors_larger_than_the_feature_map():
+    # A 64-px canvas's res4 is 4x4; a box-augmentation anchor of 362 x 181 px spans 22.6 x 11.3 cells, which
+    # adaptive sampling averages over 2 samples per bin side, one more than the map's own bound allows.
+    from roi_align_reference import roi_align_numpy
+
+    features = np.random.default_rng(0).standard_normal((2, 4, 4, 3)).astype(np.float32)
+    boxes = np.array([[-149.0, -58.5, 213.0, 122.5], [10.0, 12.0, 50.0, 60.0]], np.float32)
+    want = roi_align_numpy(features, boxes, np.arange(2), (14, 14), 1 / 16, 0, True)
+
+    def pool(side):
+        encoder = Encoder("c4", depth=18, width=8, roi_max_side=side)
+        return np.asarray(encoder.apply({}, jnp.asarray(features), jnp.asarray(boxes), 14, 1 / 16,
+                                        method=Encoder._pool))
+
+    np.testing.assert_allclose(pool(362.0), want, atol=1e-6)
+    assert np.abs(pool(0.0)[0] - want[0]).max() > 1e-3  # the map's bound alone is not enough
+    np.testing.assert_allclose(pool(0.0)[1], want[1], atol=1e-6)  # a box inside the image is exact anyway

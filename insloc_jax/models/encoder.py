@@ -15,6 +15,7 @@ Besides `__call__`, two methods expose intermediate maps for probes and parity c
   pyramid:  {"p2", .., "p5"} (fpn only).
 """
 
+import math
 from typing import Any, Dict, Optional
 
 import jax
@@ -25,7 +26,8 @@ from insloc_jax.models.fpn import FPN
 from insloc_jax.models.heads import C4Head, FPNBoxHead, ProjectionMLP
 from insloc_jax.models.layers import BNSettings
 from insloc_jax.models.resnet import ResNet
-from insloc_jax.ops.roi_align import roi_align
+from insloc_jax.ops.roi_align import default_max_grid, roi_align
+from insloc_jax.precision import wide
 
 ARCHS = ("fpn", "c4", "moco")
 NUM_LEVELS = {"fpn": 4, "c4": 1, "moco": 1}
@@ -54,8 +56,11 @@ class Encoder(nn.Module):
       mlp_dim: hidden width of the c4 / moco projection MLP (2048).
       roi_size: RoIAlign output side; None means 7 for fpn and 14 for c4.
       sampling_ratio: RoIAlign samples per bin side; 0 = adaptive ceil(roi_size / output_size).
-      dtype: compute dtype (float32 or bfloat16); parameters and BN statistics stay float32 and the
-        embeddings are returned in float32.
+      roi_max_side: the largest box side (input pixels) the encoder will pool, which bounds the adaptive
+        samples per bin statically; 0 = the feature map's side (exact for boxes inside the image; a
+        box-augmented anchor can be larger, see config.encoder_kwargs).
+      dtype: compute dtype (float32, bfloat16, or float64 for verification); parameters and BN statistics
+        stay float32 (float64 for float64) and the embeddings are returned in float32 (float64).
       bn_axis_name: device axis for cross-device BatchNorm statistics, or None (per-device BN).
       bn_num_groups: ghost groups per device batch (one device emulating that many devices' BN).
       bn_momentum: flax-style BN momentum (0.9 = torch's 0.1).
@@ -74,6 +79,7 @@ class Encoder(nn.Module):
     mlp_dim: int = 2048
     roi_size: Optional[int] = None
     sampling_ratio: int = 0
+    roi_max_side: float = 0.0
     dtype: Any = jnp.float32
     bn_axis_name: Optional[str] = None
     bn_num_groups: int = 1
@@ -132,9 +138,10 @@ class Encoder(nn.Module):
         elif self.arch == "c4":
             emb = self._embed_c4(images, boxes_xyxy, train)
         else:
-            pooled = self.backbone(images, train)["res5"].astype(jnp.float32).mean(axis=(1, 2))  # [B, C5]
+            res5 = self.backbone(images, train)["res5"]
+            pooled = res5.astype(wide(res5.dtype)).mean(axis=(1, 2))  # [B, C5]
             emb = self.projection(pooled)[:, None, :]  # [B, 1, dim]
-        return l2_normalize(emb.astype(jnp.float32))
+        return l2_normalize(emb.astype(wide(emb.dtype)))
 
     def _embed_fpn(self, images, boxes_xyxy, train):
         """[B, H, W, 3], [B, 4, 4] -> [B, 4, dim] head outputs."""
@@ -160,7 +167,10 @@ class Encoder(nn.Module):
     def _pool(self, feature_map, boxes, size, scale):
         """One box per image: [B, h, w, C], [B, 4] -> [B, size, size, C]."""
         # batch_indices None: box b belongs to image b, so no per-box image gather is needed.
+        bound = default_max_grid(feature_map.shape[1:3], (size, size))
+        if self.roi_max_side:  # as many samples per bin as the largest box needs (cheap: weights only)
+            bound = max(bound, math.ceil(self.roi_max_side * scale / size))
         return roi_align(
-            feature_map, boxes.astype(jnp.float32), None, (size, size), scale,
-            sampling_ratio=self.sampling_ratio, aligned=True,
+            feature_map, boxes, None, (size, size), scale,
+            sampling_ratio=self.sampling_ratio, aligned=True, max_grid=bound,
         )

@@ -21,6 +21,7 @@ from insloc_jax.models.layers import (
     torch_default_kernel_init,
 )
 from insloc_jax.models.resnet import STAGE_BLOCKS, ResStage
+from insloc_jax.precision import wide
 
 
 class FPNBoxHead(nn.Module):
@@ -55,12 +56,14 @@ class FPNBoxHead(nn.Module):
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # [R, C * S * S]
         for i in range(self.num_fcs):
             x = nn.Dense(
-                self.fc_dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+                self.fc_dim, dtype=self.dtype, param_dtype=wide(self.dtype),
+                kernel_init=nn.initializers.xavier_uniform(),
                 name=f"shared_fcs_{i}",
             )(x)
             x = nn.relu(x)
         return nn.Dense(
-            self.out_dim, dtype=self.dtype, kernel_init=nn.initializers.normal(self.out_init_std), name="fc_cls"
+            self.out_dim, dtype=self.dtype, param_dtype=wide(self.dtype),
+            kernel_init=nn.initializers.normal(self.out_init_std), name="fc_cls",
         )(x)  # [R, out_dim]
 
 
@@ -81,12 +84,12 @@ class ProjectionMLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[N, Cin] -> [N, out_dim] (not normalised)."""
         x = nn.Dense(
-            self.hidden_dim, dtype=self.dtype, kernel_init=torch_default_kernel_init,
+            self.hidden_dim, dtype=self.dtype, param_dtype=wide(self.dtype), kernel_init=torch_default_kernel_init,
             bias_init=torch_default_bias_init(x.shape[-1]), name="fc1",
         )(x)
         x = nn.relu(x)
         return nn.Dense(
-            self.out_dim, dtype=self.dtype, kernel_init=torch_default_kernel_init,
+            self.out_dim, dtype=self.dtype, param_dtype=wide(self.dtype), kernel_init=torch_default_kernel_init,
             bias_init=torch_default_bias_init(self.hidden_dim), name="fc2",
         )(x)
 
@@ -121,5 +124,5 @@ class C4Head(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """[R, S, S, C4] RoI features (S = 14) -> [R, out_dim] (not normalised)."""
         x = self.layer4(x, train)  # [R, S/2, S/2, C5]
-        x = x.astype(jnp.float32).mean(axis=(1, 2))  # [R, C5]
+        x = x.astype(wide(x.dtype)).mean(axis=(1, 2))  # [R, C5]
         return self.projection(x)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from insloc_jax.models.norm import BatchNorm
+from insloc_jax.precision import wide
 
 # Conv init of REFERENCE section 2: normal(0, sqrt(2 / (k * k * out_channels))); jax's "normal"
 # distribution is the untruncated one.
@@ -53,7 +54,7 @@ def conv(
       kernel: square kernel size k.
       stride: spatial stride.
       use_bias: whether the conv has a bias (False when a norm follows).
-      dtype: compute dtype; parameters stay float32.
+      dtype: compute dtype; parameters are float32 (float64 for a float64 run: precision.wide).
       kernel_init: initialiser of the HWIO kernel.
       name: module name (torchvision's, e.g. "conv1").
 
@@ -68,7 +69,7 @@ def conv(
         padding=((pad, pad), (pad, pad)),
         use_bias=use_bias,
         dtype=dtype,
-        param_dtype=jnp.float32,
+        param_dtype=wide(dtype),
         kernel_init=kernel_init,
         name=name,
     )
@@ -132,6 +133,7 @@ def make_norm(train: bool, dtype: Any, bn: BNSettings) -> Callable[..., nn.Modul
         momentum=bn.momentum,
         epsilon=1e-5,
         dtype=dtype,
+        param_dtype=wide(dtype),
         axis_name=bn.axis_name,
         num_groups=bn.num_groups,
     )

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from insloc_jax.precision import wide
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -98,10 +100,11 @@ class BatchNorm(nn.Module):
         channels = x.shape[-1]
         scale = self.param("scale", self.scale_init, (channels,), self.param_dtype)
         bias = self.param("bias", self.bias_init, (channels,), self.param_dtype)
-        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32))
-        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
+        work = wide(self.param_dtype)  # float32 statistics, float64 in a float64 run
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), work))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((channels,), work))
         out_dtype = self.dtype or x.dtype
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(work)
 
         if use_running_average:
             y = _normalize(x32, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
@@ -121,5 +124,5 @@ class BatchNorm(nn.Module):
 
 def _normalize(x, mean, var, scale, bias, epsilon):
     """(x - mean) / sqrt(var + eps) * scale + bias, all float32, statistics broadcast against x."""
-    mul = jax.lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)
-    return (x - mean) * mul + bias.astype(jnp.float32)
+    mul = jax.lax.rsqrt(var + epsilon) * scale.astype(x.dtype)
+    return (x - mean) * mul + bias.astype(x.dtype)

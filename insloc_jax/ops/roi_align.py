@@ -1,6 +1,6 @@
 """RoIAlign with the exact semantics of `torchvision.ops.roi_align` (and mmcv's RoIAlign), in pure JAX.
 
-Definition (per RoI r, output cell (p, q), channel c), everything in float32:
+Definition (per RoI r, output cell (p, q), channel c), everything in float32 (float64 in a float64 run):
 
     offset      = 0.5 if aligned else 0
     start       = box_xyxy * spatial_scale - offset          # per axis
@@ -41,27 +41,29 @@ from typing import Optional, Sequence, Tuple, Union
 import jax.numpy as jnp
 from jax import lax
 
+from insloc_jax.precision import wide
+
 _HIGHEST = lax.Precision.HIGHEST
 
 
-def _opaque_full(shape: Tuple[int, ...], value: float) -> jnp.ndarray:
-    """A float32 array of `value` that XLA cannot see as a constant.
+def _opaque_full(shape: Tuple[int, ...], value: float, dtype=jnp.float32) -> jnp.ndarray:
+    """An array of `value` that XLA cannot see as a constant.
 
     XLA rewrites `x / c` for a constant c as `x * (1 / c)`, which is not correctly rounded: 27.5 / 14 comes
     out one ulp high and ceil(14 / 7) becomes 3. Dividing by an opaque array keeps IEEE division.
     """
-    return lax.optimization_barrier(jnp.full(shape, value, jnp.float32))
+    return lax.optimization_barrier(jnp.full(shape, value, dtype))
 
 
 def _divide(x: jnp.ndarray, divisor: float) -> jnp.ndarray:
     """x / divisor with IEEE rounding under jit (see `_opaque_full`)."""
-    return x / _opaque_full(x.shape, divisor)
+    return x / _opaque_full(x.shape, divisor, x.dtype)
 
 
 def _grid_count(size: jnp.ndarray, out: int, sampling_ratio: int, max_grid: int) -> jnp.ndarray:
     """[R] samples per bin side: the fixed ratio, or ceil(size / out) clipped to [0, max_grid]."""
     if sampling_ratio > 0:
-        return _opaque_full(size.shape, sampling_ratio)
+        return _opaque_full(size.shape, sampling_ratio, size.dtype)
     # Negative sizes (inverted boxes) give an empty grid, as torchvision's loops do.
     return jnp.clip(jnp.ceil(_divide(size, out)), 0.0, float(max_grid))
 
@@ -107,8 +109,8 @@ def axis_samples(
       masked or out-of-range samples. Summing weight * value over the last axis averages the cell.
     """
     offset = 0.5 if aligned else 0.0
-    start = lo.astype(jnp.float32) * spatial_scale - offset  # [R]
-    end = hi.astype(jnp.float32) * spatial_scale - offset
+    start = lo * spatial_scale - offset  # [R], in the boxes' dtype (float32; float64 in a float64 run)
+    end = hi * spatial_scale - offset
     size = end - start
     if not aligned:
         size = jnp.maximum(size, 1.0)
@@ -116,8 +118,8 @@ def axis_samples(
     count = _grid_count(size, out, sampling_ratio, max_grid)[:, None, None]  # [R, 1, 1], may be 0
     grid = jnp.maximum(count, 1.0)
     slots = sampling_ratio if sampling_ratio > 0 else max_grid
-    cell = jnp.arange(out, dtype=jnp.float32)[None, :, None]  # [1, out, 1]
-    slot = jnp.arange(slots, dtype=jnp.float32)[None, None, :]  # [1, 1, G]
+    cell = jnp.arange(out, dtype=start.dtype)[None, :, None]  # [1, out, 1]
+    slot = jnp.arange(slots, dtype=start.dtype)[None, None, :]  # [1, 1, G]
     # Same operation order as torchvision so that sample positions agree to the last bit. The barrier keeps
     # XLA from fusing `start + cell * step` into one fused multiply-add: its single rounding moves far-away
     # samples by an ulp, which at coordinates ~30 shifts outputs by ~1e-5.
@@ -126,7 +128,7 @@ def axis_samples(
     pos = start[:, None, None] + offset_of_cell + (slot + 0.5) * step / grid  # [R, out, G]
     used = slot < count  # [R, 1, G]
     inside = (pos >= -1.0) & (pos <= length)
-    keep = (used & inside).astype(jnp.float32) / grid  # [R, out, G]
+    keep = (used & inside).astype(start.dtype) / grid  # [R, out, G]
     pos = jnp.maximum(pos, 0.0)
     low = jnp.floor(pos)
     at_edge = low >= length - 1
@@ -208,11 +210,12 @@ def roi_align(
             f"batch_indices=None needs one box per image, got {boxes_xyxy.shape[0]} boxes for "
             f"{features.shape[0]} images; pass batch_indices."
         )
-    boxes = lax.stop_gradient(boxes_xyxy.astype(jnp.float32))
+    work = wide(features.dtype)  # float32 (float64 in a float64 run), whatever the features' dtype
+    boxes = lax.stop_gradient(boxes_xyxy.astype(work))
     common = dict(spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, aligned=aligned, max_grid=max_grid)
     row_index, row_weight = axis_samples(boxes[:, 1], boxes[:, 3], height, out_h, **common)  # [R, out_h, 2G]
     col_index, col_weight = axis_samples(boxes[:, 0], boxes[:, 2], width, out_w, **common)  # [R, out_w, 2G]
     wx = dense_axis_weights(col_index, col_weight, width)  # [R, out_w, W]
-    rows = _pool_rows(features.astype(jnp.float32), row_index, row_weight, batch_indices)  # [R, out_h, W, C]
+    rows = _pool_rows(features.astype(work), row_index, row_weight, batch_indices)  # [R, out_h, W, C]
     pooled = jnp.einsum("rqw,rpwc->rpqc", wx, rows, precision=_HIGHEST)  # [R, out_h, out_w, C]
     return pooled.astype(features.dtype)
