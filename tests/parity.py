@@ -55,3 +55,16 @@ def load_strict(model, state_dict):
     """Loads numpy arrays into a torch module with strict=True (every key present, none extra)."""
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True)
     return model.eval()
+
+
+def random_batches(count, global_batch, size, dtype=np.float32, seed=0):
+    """`count` step batches of random normalised images [N, size, size, 3] and valid boxes [N, 4] per view,
+    sized for a 64-px canvas (sides 24..40, inside the image)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        xy = rng.uniform(0, 24, (2, global_batch, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(24, 40, (2, global_batch, 2))], -1).astype(np.float32)
+        images = rng.standard_normal((2, global_batch, size, size, 3)).astype(dtype)
+        out.append({"image1": images[0], "image2": images[1], "boxes1": boxes[0], "boxes2": boxes[1]})
+    return out

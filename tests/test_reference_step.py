@@ -29,6 +29,7 @@ torch = pytest.importorskip("torch")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from insloc_jax import parallel  # noqa: E402
+from parity import random_batches  # noqa: E402
 from reference.from_jax import jax_run, method_config, reference_run, reference_step, torch_names  # noqa: E402
 
 DEVICES = 2
@@ -47,17 +48,6 @@ def _config(arch):
     c.optim.base_lr = 3.0  # peak lr 0.094: three steps move every parameter measurably
     c.contrast.momentum = 0.9  # the key encoder moves measurably too
     return c
-
-
-def _batches(dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(STEPS):
-        xy = rng.uniform(0, 24, (2, GLOBAL, 2))
-        boxes = np.concatenate([xy, xy + rng.uniform(24, 40, (2, GLOBAL, 2))], -1).astype(np.float32)
-        images = rng.standard_normal((2, GLOBAL, SIZE, SIZE, 3)).astype(dtype)
-        out.append({"image1": images[0], "image2": images[1], "boxes1": boxes[0], "boxes2": boxes[1]})
-    return out
 
 
 def _trace(opt_state):
@@ -110,7 +100,7 @@ def _three_steps(arch, dtype):
     config.model.dtype = dtype
     wide = dtype == "float64"
     tolerance, loss_tolerance = (FLOAT64_TOLERANCE, FLOAT64_TOLERANCE) if wide else (TOLERANCE, LOSS_TOLERANCE)
-    batches = _batches(np.float64 if wide else np.float32)
+    batches = random_batches(STEPS, GLOBAL, SIZE, np.float64 if wide else np.float32)
     states, metrics, schedule, anchors = _run_jax(config, batches)
     first = states[0]
     ref = reference_run(config, first, DEVICES, torch.float64 if wide else torch.float32)

@@ -14,6 +14,7 @@ from insloc_jax import config as config_lib  # noqa: E402
 from insloc_jax import parallel  # noqa: E402
 from insloc_jax.state import create_state  # noqa: E402
 from insloc_jax.step import compile_step, train_step  # noqa: E402
+from parity import random_batches  # noqa: E402
 
 DEVICES = 8
 GLOBAL = 16
@@ -31,14 +32,7 @@ def _config(base_lr=0.3, dim=16):
 
 def _batches(count, seed=0):
     """Random normalised images and valid boxes, [GLOBAL, ...] per batch."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        xy = rng.uniform(0, 24, (2, GLOBAL, 2))
-        boxes = np.concatenate([xy, xy + rng.uniform(24, 40, (2, GLOBAL, 2))], -1).astype(np.float32)
-        images = rng.standard_normal((2, GLOBAL, 64, 64, 3)).astype(np.float32)
-        out.append({"image1": images[0], "image2": images[1], "boxes1": boxes[0], "boxes2": boxes[1]})
-    return out
+    return random_batches(count, GLOBAL, 64, seed=seed)
 
 
 def _run(config, devices, backend, batches):
