@@ -20,21 +20,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from parity import random_batches  # noqa: E402
-from reference import models  # noqa: E402
+from reference.from_jax import method_config, nchw, torch_encoder  # noqa: E402
 from reference.step import ReferenceStep  # noqa: E402
 
-ENCODERS = {
-    "fpn": lambda: models.FPNEncoder(18, 8, 16, 16, 32, 16),
-    "c4": lambda: models.C4Encoder(18, 8, 32, 16),
-    "moco": lambda: models.MoCoEncoder(18, 8, 32, 16),
-}
-AUGMENTED = {"fpn": (3,), "c4": (0,), "moco": ()}
+ARCHS = ("fpn", "c4", "moco")
 
 
 def gradients(arch, relative, steps, batches):
     """[steps] {parameter name: gradient} of the float64 reference from perturbed initial weights."""
     torch.manual_seed(0)
-    encoder = ENCODERS[arch]().double()
+    encoder = torch_encoder(method_config(arch, 8).model).double()
     noise = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in encoder.parameters():
@@ -44,7 +39,6 @@ def gradients(arch, relative, steps, batches):
     step = ReferenceStep(encoder, queues, 2, 0.9, 0.2, ())  # true boxes on every level: no discrete choices
     out = []
     for s, batch in enumerate(batches[:steps]):
-        nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
         boxes = torch.from_numpy(batch["boxes1"]).double()[:, None].repeat(1, encoder.levels, 1)
         step.step(nchw(batch["image1"]), boxes, nchw(batch["image2"]), torch.from_numpy(batch["boxes2"]).double(),
                   torch.randperm(8, generator=torch.Generator().manual_seed(s)), 0.094)
@@ -60,7 +54,7 @@ def main():
     batches = random_batches(args.steps, 8, 64, np.float64)
     print(f"gradient change / max |gradient| per unit of relative weight change ({args.relative:g}), float64")
     print("| arch | step | largest | median |\n|---|---|---|---|")
-    for arch in ENCODERS:
+    for arch in ARCHS:
         base, moved = gradients(arch, 0.0, args.steps, batches), gradients(arch, args.relative, args.steps, batches)
         for s, (a, b) in enumerate(zip(base, moved)):
             ratios = [float((a[k] - b[k]).abs().max() / a[k].abs().max()) / args.relative for k in a]
