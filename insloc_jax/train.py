@@ -77,11 +77,13 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def make_batches(config, derived, source, start_step: int) -> Iterator[Dict[str, np.ndarray]]:
+def make_batches(config, derived, source, start_step: int,
+                 local_devices: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
     """This host's batches [local_devices, per_device, ...] from `start_step` on.
 
     Args:
       source: the opened training source (`open_training_source`).
+      local_devices: devices the batches are laid out for (default: this host's).
     """
     from insloc_jax.data.pipeline import make_pipeline
 
@@ -90,7 +92,7 @@ def make_batches(config, derived, source, start_step: int) -> Iterator[Dict[str,
         source=source, mode=d.mode, canvas_size=d.canvas_size, fg_size_range=tuple(d.fg_size_range),
         moco_size=d.moco_size, background_mode=d.background_mode, stream_group=d.stream_group,
         per_device_batch=derived.per_device_batch,
-        local_devices=jax.local_device_count(), process_index=jax.process_index(),
+        local_devices=local_devices or jax.local_device_count(), process_index=jax.process_index(),
         process_count=jax.process_count(), seed=config.seed, start_step=start_step, augment_on=d.augment_on,
         num_workers=d.num_workers,
     )

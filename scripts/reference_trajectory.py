@@ -25,8 +25,8 @@ from tqdm import tqdm  # noqa: E402
 
 from insloc_jax import config as config_lib  # noqa: E402
 from insloc_jax import parallel  # noqa: E402
-from insloc_jax.data.pipeline import make_pipeline  # noqa: E402
 from insloc_jax.data.sources import open_source  # noqa: E402
+from insloc_jax.train import make_batches  # noqa: E402
 from reference.from_jax import jax_run, method_config, reference_run, reference_step  # noqa: E402
 
 DEVICES = 2
@@ -48,12 +48,7 @@ def _run(arch, steps, base_lr, dtype):
     derived = config_lib.derive(config, DEVICES, source.num_examples)
     state, step_fn, schedule, anchors = jax_run(config, DEVICES, source.num_examples)
     ref = reference_run(config, state, DEVICES, torch.float64 if dtype == "float64" else torch.float32)
-    d = config.data
-    batches = make_pipeline(source=source, mode=d.mode, canvas_size=d.canvas_size,
-                            fg_size_range=tuple(d.fg_size_range), moco_size=d.moco_size,
-                            background_mode=d.background_mode, stream_group=d.stream_group,
-                            per_device_batch=derived.per_device_batch, local_devices=DEVICES, seed=config.seed,
-                            augment_on="host", num_workers=0)
+    batches = make_batches(config, derived, source, 0, local_devices=DEVICES)  # tiny: in this process
     replicated = parallel.replicate(state, jax.local_devices()[:DEVICES])
     out = {"jax": [], "torch": [], "lr": []}
     for step in tqdm(range(steps), desc=f"{arch}: JAX and torch steps"):
