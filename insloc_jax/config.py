@@ -1,8 +1,9 @@
 """From a run config (configs/*.py) to the objects of a run; every derived value is computed here.
 
 Derived values: the per-device batch (global batch over all devices), BatchNorm groups per device, the
-learning rate (linear scaling), steps per epoch and total steps, the encoder's kwargs, the step's static
-settings and the anchors.
+learning rate (linear scaling), steps per epoch and total steps, the encoder's kwargs and the anchors. The
+step's own settings are read by `step.step_config` and the export format by `train`, so this module imports
+neither: imports run from the entry points down, through step/state to config, to models/data/ops.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import numpy as np
 from insloc_jax import optim
 from insloc_jax.models.encoder import Encoder
 from insloc_jax.ops import boxes as box_ops
-from insloc_jax.step import StepConfig
 
 # float64 is a verification mode (tests/test_reference_step.py), under JAX_ENABLE_X64=1 only.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
@@ -111,7 +111,6 @@ def derive(config: ml_collections.ConfigDict, num_devices: int, num_examples: in
     if config.model.dtype == "float64" and not jax.config.jax_enable_x64:
         raise ConfigError("model.dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 (it is for verification; "
                           "train in float32 or bfloat16)")
-    check_export_format(config.train.get("export_format", ""))
     steps_per_epoch = max(1, num_examples // global_batch)
     total = config.train.total_steps or steps_per_epoch * config.optim.epochs
     size = input_size(config)
@@ -158,15 +157,6 @@ def bn_groups(config: ml_collections.ConfigDict, per_device_batch: int) -> int:
     return per_device_batch // size
 
 
-def check_export_format(fmt: str) -> None:
-    """Raises ConfigError unless `train.export_format` is "" or a format of `insloc_jax.export` (checked
-    before training, not after it)."""
-    from insloc_jax.export import FORMATS
-
-    if fmt not in ("",) + FORMATS:
-        raise ConfigError(f"train.export_format must be one of {FORMATS} or '' (no export), got {fmt!r}")
-
-
 def source_spec(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     """The data source dict for `data.sources.open_source`: the kind and its own non-empty fields.
 
@@ -211,19 +201,6 @@ def largest_box_side(config: ml_collections.ConfigDict) -> float:
 def make_encoder(config: ml_collections.ConfigDict, derived: Optional[Derived] = None) -> Encoder:
     """The encoder module of the run (query and key share it); pass `derived` wherever it trains."""
     return Encoder(**encoder_kwargs(config, derived))
-
-
-def step_config(config: ml_collections.ConfigDict) -> StepConfig:
-    """The step's static settings."""
-    return StepConfig(
-        momentum=config.contrast.momentum,
-        temperature=config.contrast.temperature,
-        augment_levels=tuple(config.box_aug.levels),
-        iou_threshold=config.box_aug.iou_threshold,
-        nms_threshold=config.box_aug.nms_threshold,
-        fallback_top_k=config.box_aug.fallback_top_k,
-        batch_negatives=config.contrast.get("batch_negatives", False),
-    )
 
 
 def anchors(config: ml_collections.ConfigDict, image_size: int) -> np.ndarray:

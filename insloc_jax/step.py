@@ -59,6 +59,19 @@ class StepConfig:
     batch_negatives: bool = False
 
 
+def step_config(config) -> StepConfig:
+    """The step's static settings from a run config (its `contrast` and `box_aug` sections)."""
+    return StepConfig(
+        momentum=config.contrast.momentum,
+        temperature=config.contrast.temperature,
+        augment_levels=tuple(config.box_aug.levels),
+        iou_threshold=config.box_aug.iou_threshold,
+        nms_threshold=config.box_aug.nms_threshold,
+        fallback_top_k=config.box_aug.fallback_top_k,
+        batch_negatives=config.contrast.get("batch_negatives", False),
+    )
+
+
 def view(batch: Batch, index: int) -> Tuple[jnp.ndarray, jnp.ndarray]:
     """Images [B, H, W, 3] float and boxes [B, 4] of view 1 or 2, augmenting on device if the batch asks."""
     if f"aug{index}_apply" in batch:

@@ -31,7 +31,7 @@ from insloc_jax.checkpoint import CheckpointError, Checkpointer
 from insloc_jax.metrics import MetricWriter
 from insloc_jax.report import Phases
 from insloc_jax.state import TrainState, initial_state
-from insloc_jax.step import compile_step, train_step
+from insloc_jax.step import compile_step, step_config, train_step
 
 log = logging.getLogger("insloc_jax.train")
 
@@ -168,6 +168,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[in
     with phases("dataset"):
         source = open_training_source(config)
     with phases("setup"):
+        check_export_format(config.train.get("export_format", ""))
         derived = config_lib.derive(config, jax.device_count(), source.num_examples)
         encoder = config_lib.make_encoder(config, derived)
         tx, schedule = config_lib.make_optimizer(config, derived)
@@ -181,7 +182,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: Optional[in
         start = int(state.step)
         per_device = functools.partial(
             train_step, encoder=encoder, tx=tx, schedule=schedule,
-            anchors=config_lib.anchors(config, derived.image_size), config=config_lib.step_config(config),
+            anchors=config_lib.anchors(config, derived.image_size), config=step_config(config),
         )
         step_fn = compile_step(per_device, config.train.parallel)
         state = parallel.replicate(state)
@@ -237,11 +238,21 @@ def _report_probes(config, workdir: str):
         return [], f"no verdict: the probes could not read their data ({error})"
 
 
+def check_export_format(fmt: str) -> None:
+    """Raises ConfigError unless `train.export_format` is "" or a format of `insloc_jax.export` (checked
+    before training, not after it)."""
+    from insloc_jax.export import FORMATS  # here, not in config: export -> state -> config
+
+    if fmt not in ("",) + FORMATS:
+        raise config_lib.ConfigError(
+            f"train.export_format must be one of {FORMATS} or '' (no export), got {fmt!r}")
+
+
 def export_at_end(fmt: str, workdir: str, step: int) -> str:
     """Writes `<workdir>/export/step_<step>.<fmt>.{pth,pkl}` (kept if it is already there); returns its path."""
     from insloc_jax import export
 
-    config_lib.check_export_format(fmt)
+    check_export_format(fmt)
     path = os.path.join(workdir, "export", f"step_{step}.{fmt}.{'pkl' if fmt == 'detectron2' else 'pth'}")
     if os.path.exists(path):
         log.info("%s is already there; kept", path)

@@ -140,7 +140,7 @@ def build(config, num_examples: int):
     from insloc_jax import config as config_lib
     from insloc_jax import parallel
     from insloc_jax.state import create_state
-    from insloc_jax.step import compile_step, train_step
+    from insloc_jax.step import compile_step, step_config, train_step
 
     derived = config_lib.derive(config, jax.device_count(), num_examples)
     encoder = config_lib.make_encoder(config, derived)
@@ -150,7 +150,7 @@ def build(config, num_examples: int):
     state = init(jax.random.PRNGKey(config.seed))
     per_device = functools.partial(
         train_step, encoder=encoder, tx=tx, schedule=schedule,
-        anchors=config_lib.anchors(config, derived.image_size), config=config_lib.step_config(config),
+        anchors=config_lib.anchors(config, derived.image_size), config=step_config(config),
     )
     return derived, compile_step(per_device, config.train.parallel), parallel.replicate(state)
 

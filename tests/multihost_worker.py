@@ -26,7 +26,7 @@ from configs import tiny  # noqa: E402
 from insloc_jax import config as config_lib  # noqa: E402
 from insloc_jax import parallel  # noqa: E402
 from insloc_jax.state import initial_state  # noqa: E402
-from insloc_jax.step import compile_step, train_step  # noqa: E402
+from insloc_jax.step import compile_step, step_config, train_step  # noqa: E402
 
 GLOBAL = 16
 
@@ -47,7 +47,7 @@ def main():
     tx, schedule = config_lib.make_optimizer(config, derived)
     per_device = functools.partial(train_step, encoder=config_lib.make_encoder(config, derived), tx=tx, schedule=schedule,
                                    anchors=config_lib.anchors(config, derived.image_size),
-                                   config=config_lib.step_config(config))
+                                   config=step_config(config))
     step_fn = compile_step(per_device, "pmap")
     state = parallel.replicate(initial_state(config, derived))
     rng = np.random.default_rng(0)

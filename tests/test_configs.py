@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from insloc_jax import config as config_lib  # noqa: E402
 from insloc_jax import parallel  # noqa: E402
 from insloc_jax.state import create_state  # noqa: E402
-from insloc_jax.step import train_step  # noqa: E402
+from insloc_jax.step import step_config, train_step  # noqa: E402
 
 IMAGENET_TRAIN = 1281167
 DEVICES = 8
@@ -58,7 +58,7 @@ def test_published_config_builds_and_steps_at_full_size(name):
     assert state.queues.shape == (levels, 65536, 128)
     per_device = functools.partial(train_step, encoder=encoder, tx=tx, schedule=schedule,
                                    anchors=config_lib.anchors(config, derived.image_size),
-                                   config=config_lib.step_config(config))
+                                   config=step_config(config))
     replicated = jax.tree.map(lambda x: jax.ShapeDtypeStruct((DEVICES,) + x.shape, x.dtype), state)
     new_state, metrics = jax.eval_shape(jax.pmap(per_device, axis_name=parallel.AXIS), replicated,
                                         _batch_spec(derived.per_device_batch, derived.image_size))

@@ -13,7 +13,7 @@ from configs import tiny  # noqa: E402
 from insloc_jax import config as config_lib  # noqa: E402
 from insloc_jax import parallel  # noqa: E402
 from insloc_jax.state import create_state  # noqa: E402
-from insloc_jax.step import compile_step, train_step  # noqa: E402
+from insloc_jax.step import compile_step, step_config, train_step  # noqa: E402
 from parity import random_batches  # noqa: E402
 
 DEVICES = 8
@@ -44,7 +44,7 @@ def _run(config, devices, backend, batches):
                          config.contrast.queue_size)
     per_device = functools.partial(train_step, encoder=encoder, tx=tx, schedule=schedule,
                                    anchors=config_lib.anchors(config, derived.image_size),
-                                   config=config_lib.step_config(config))
+                                   config=step_config(config))
     local = jax.local_devices()[:devices]
     step_fn = compile_step(per_device, backend, local)
     replicated = parallel.replicate(state, local)

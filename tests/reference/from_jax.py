@@ -94,7 +94,7 @@ def jax_run(config, devices, num_examples):
 
     from insloc_jax import config as config_lib
     from insloc_jax.state import create_state
-    from insloc_jax.step import compile_step, train_step
+    from insloc_jax.step import compile_step, step_config, train_step
 
     derived = config_lib.derive(config, devices, num_examples)
     encoder = config_lib.make_encoder(config, derived)
@@ -103,7 +103,7 @@ def jax_run(config, devices, num_examples):
                          config.contrast.queue_size)
     anchors = config_lib.anchors(config, derived.image_size)
     per_device = functools.partial(train_step, encoder=encoder, tx=tx, schedule=schedule, anchors=anchors,
-                                   config=config_lib.step_config(config))
+                                   config=step_config(config))
     step_fn = compile_step(per_device, "pmap", jax.local_devices()[:devices])
     return jax.device_get(state), step_fn, schedule, np.asarray(anchors)
 
