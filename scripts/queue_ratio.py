@@ -28,18 +28,20 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-# The paper's recipe, as overrides of configs/demo.py (REFERENCE: momentum, temperature, lr and schedule).
-PAPER = {("contrast", "momentum"): 0.999, ("contrast", "temperature"): 0.2, ("contrast", "queue_fill_steps"): 0,
-         ("contrast", "batch_negatives"): False, ("optim", "base_lr"): 0.03, ("optim", "schedule"): "cosine",
-         ("optim", "per_epoch"): False}
+# The fields where configs/demo.py departs from the paper's recipe; their values come from configs/base.py.
+PAPER_FIELDS = (("contrast", "momentum"), ("contrast", "temperature"), ("contrast", "queue_fill_steps"),
+                ("contrast", "batch_negatives"), ("optim", "base_lr"), ("optim", "schedule"))
 PROBE_BANK = 4096  # training images of the kNN bank at every point (the embedded split's default size)
 
 
 def point_config(base, queue: int, images: int, seed: int):
     """configs/demo.py with the paper's recipe, a queue of `queue` keys and the first `images` images."""
-    config = base.copy_and_resolve_references()
-    for (section, field), value in PAPER.items():
-        config[section][field] = value
+    from configs import base as paper
+
+    config, recipe = base.copy_and_resolve_references(), paper.get_config()
+    for section, field in PAPER_FIELDS:
+        config[section][field] = recipe[section][field]
+    config.optim.per_epoch = False  # cosine per step: at the larger N the run is shorter than an epoch
     config.contrast.queue_size = queue
     config.data.source.num_train = images
     config.seed = seed

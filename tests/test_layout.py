@@ -29,7 +29,9 @@ def modules() -> dict:
 def imported(path: str, known) -> set:
     """The package modules a file imports anywhere in it (`from insloc_jax import x` counts x if a module)."""
     out = set()
-    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out |= {alias.name for alias in node.names if alias.name in known}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module in known:
