@@ -253,7 +253,7 @@ def export_at_end(fmt: str, workdir: str, step: int) -> str:
     from insloc_jax import export
 
     check_export_format(fmt)
-    path = os.path.join(workdir, "export", f"step_{step}.{fmt}.{'pkl' if fmt == 'detectron2' else 'pth'}")
+    path = os.path.join(workdir, "export", f"step_{step}.{fmt}.{export.FILES[fmt][0]}")
     if os.path.exists(path):
         log.info("%s is already there; kept", path)
         return path

@@ -165,6 +165,6 @@ def test_a_file_created_during_the_write_is_not_clobbered(tmp_path):
         path.write_bytes(b"theirs")
 
     with pytest.raises(FileExistsError):
-        export._write_atomic(path, write_while_another_writer_finishes, force=False)
+        export.write_atomic(path, write_while_another_writer_finishes, force=False)
     assert path.read_bytes() == b"theirs"
     assert sorted(os.listdir(tmp_path)) == ["model.pkl"]
