@@ -102,14 +102,15 @@ def compare_with_random(config, final_variables) -> List[Dict[str, float]]:
     """
     import dataclasses
 
-    from insloc_jax import config as config_lib, evaluate, probes
-    from insloc_jax.probe_data import Settings, load_probe_data
+    from insloc_jax import config as config_lib
+    from insloc_jax.eval import features, probes, run as evaluate
+    from insloc_jax.eval.data import Settings, load_probe_data
 
     settings = dataclasses.replace(Settings.from_config(config), num_test=config.eval.report_num_test,
                                    num_bank=config.eval.report_num_bank)
     data = load_probe_data(config, settings)
     encoder = config_lib.make_encoder(config)
-    extractors, update = evaluate.make_extractors(encoder), stats_updater(encoder)
+    extractors, update = features.make_extractors(encoder), stats_updater(encoder)
     calibration = data.whole[:data.num_bank]  # training-split images, as the model saw them in training
     items = {}
     for name, variables in (("random", evaluate.random_variables(config)), ("final", final_variables)):

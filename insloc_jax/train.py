@@ -268,7 +268,7 @@ def _periodic_probe(config, workdir: str):
     every = config.get("eval", {}).get("every_steps", 0)
     if not every or jax.process_index() != 0:
         return None
-    from insloc_jax.evaluate import make_periodic_evaluator
+    from insloc_jax.eval.run import make_periodic_evaluator
     from insloc_jax.state import query_variables
 
     evaluator = make_periodic_evaluator(config, workdir)

@@ -23,15 +23,11 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs.methods import METHODS, apply as apply_method  # noqa: E402
 from insloc_jax import config as config_lib  # noqa: E402
-from insloc_jax import evaluate, probe_data, probes  # noqa: E402
+from insloc_jax.eval import data as probe_data, features, probes, run as evaluate  # noqa: E402
 from insloc_jax.state import load_query_variables  # noqa: E402
 
-METHODS = {
-    "insloc_fpn": dict(arch="fpn", mode="insloc", levels=(3,), nesterov=True, label="InsLoc-FPN"),
-    "insloc_c4": dict(arch="c4", mode="insloc", levels=(0,), nesterov=True, label="InsLoc-C4"),
-    "mocov2": dict(arch="moco", mode="moco", levels=(), nesterov=False, label="MoCo-v2"),
-}
 COMPARED = ("retrieval_top1", "knn_top1", "box_iou_after")  # paired with random init in the table
 PLOTTED = (("retrieval_top1", "instance retrieval top-1"), ("knn_top1", "kNN top-1 (k=20)"),
            ("box_iou_after", "box probe mean IoU"))
@@ -41,11 +37,7 @@ def method_config(base: ml_collections.ConfigDict, method: str, steps: int, eval
     """The run config of one method: a copy of `base` with that method's arch, data mode and box levels."""
     config = base.copy_and_resolve_references()
     config.unlock()
-    spec = METHODS[method]
-    config.model.arch = spec["arch"]
-    config.data.mode = spec["mode"]
-    config.box_aug.levels = spec["levels"]
-    config.optim.nesterov = spec["nesterov"]
+    apply_method(config, method)
     config.train.total_steps = steps
     config.train.checkpoint_every = eval_every
     config.train.keep_checkpoints = steps // eval_every + 1  # keep every evaluated step
@@ -65,7 +57,7 @@ def run_method(config, workdir: str, data, settings):
     from insloc_jax.checkpoint import Checkpointer
 
     train(config, workdir)
-    extractors = evaluate.make_extractors(config_lib.make_encoder(config))
+    extractors = features.make_extractors(config_lib.make_encoder(config))
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     steps = checkpointer.steps()
     checkpointer.close()

@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=256, help="held-out instances to embed (whole batches)")
     args = parser.parse_args()
 
-    from insloc_jax import probe_data
+    from insloc_jax.eval import data as probe_data
     from insloc_jax.checkpoint import CheckpointError
     from insloc_jax.state import load_state
 

@@ -109,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--method", default="insloc_c4", help="a method of compare_probes.METHODS")
+    parser.add_argument("--method", default="insloc_c4", help="a method of configs/methods.py")
     parser.add_argument("--points", default="192:4096,1024:4096,1024:1024,1024:256,65536:4096",
                         help="comma-separated K:N (queue keys : training images)")
     parser.add_argument("--seed", type=int, default=0)
@@ -117,7 +117,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("absl").setLevel(logging.WARNING)
 
-    from insloc_jax import config as config_lib, probe_data
+    from insloc_jax import config as config_lib
+    from insloc_jax.eval import data as probe_data
 
     base = config_lib.load_config_file(os.path.join(os.path.dirname(HERE), "configs", "demo.py"))
     points = [tuple(int(v) for v in p.split(":")) for p in args.points.split(",")]

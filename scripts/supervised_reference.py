@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from insloc_jax import config as config_lib  # noqa: E402
-from insloc_jax import probe_data, probes  # noqa: E402
+from insloc_jax.eval import data as probe_data, probes  # noqa: E402
 
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
@@ -38,7 +38,7 @@ def make_functions(config, num_classes: int, lr: float):
     import jax.numpy as jnp
     import optax
 
-    from insloc_jax.evaluate import random_variables
+    from insloc_jax.eval.run import random_variables
     from insloc_jax.models.encoder import Encoder
 
     encoder = config_lib.make_encoder(config)
@@ -100,7 +100,7 @@ def train_supervised(config, train_images: np.ndarray, train_labels: np.ndarray,
       lr: constant learning rate.
       seed: batch sampling and flip seed.
     """
-    from insloc_jax.evaluate import batched
+    from insloc_jax.eval.features import batched
 
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     init, step, features_and_logits = make_functions(config, num_classes, lr)

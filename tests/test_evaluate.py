@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from insloc_jax import probes
+from insloc_jax.eval import probes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -248,7 +248,7 @@ def test_box_geometry_probe_learns_a_layout_prior_and_nothing_else():
 def test_evaluate_end_to_end_on_the_tiny_embedded_dataset(tmp_path):
     from configs import tiny
     from insloc_jax import config as config_lib
-    from insloc_jax import evaluate
+    from insloc_jax.eval import run as evaluate
     from insloc_jax.models.encoder import Encoder
 
     config = tiny.get_config()
@@ -294,7 +294,7 @@ def test_evaluate_end_to_end_on_the_tiny_embedded_dataset(tmp_path):
 def test_box_probe_features_of_several_jitters_are_each_box_alone():
     from configs import tiny
     from insloc_jax import config as config_lib
-    from insloc_jax import evaluate
+    from insloc_jax.eval import features
     from insloc_jax.models.encoder import Encoder
 
     config = tiny.get_config()
@@ -304,7 +304,7 @@ def test_box_probe_features_of_several_jitters_are_each_box_alone():
     variables = encoder.init(jax.random.PRNGKey(0), images, method=Encoder.features)
     true = np.array([[4, 6, 40, 50], [10, 2, 60, 30], [0, 0, size, size]], np.float32)
     jittered = np.stack([probes.jitter_boxes(true, seed, size) for seed in (1, 2)], axis=1).astype(np.float32)
-    composite_fn, _ = evaluate.make_extractors(encoder)
+    composite_fn, _ = features.make_extractors(encoder)
     both = composite_fn(variables, images, true, jittered)["regress"]  # [3, 2, D]
     assert both.shape[:2] == (3, 2)
     for j in range(2):
@@ -315,7 +315,7 @@ def test_box_probe_features_of_several_jitters_are_each_box_alone():
 
 def test_probe_settings_reject_zero_jitters():
     from insloc_jax import config as config_lib
-    from insloc_jax.probe_data import Settings
+    from insloc_jax.eval.data import Settings
 
     with pytest.raises(config_lib.ConfigError, match="eval.jitters=0"):
         Settings(jitters=0)

@@ -36,7 +36,7 @@ def _restore(workdir, step=None):
 
 
 def test_periodic_probes_during_training_equal_the_probes_of_the_saved_checkpoint(tmp_path, data_dir):
-    from insloc_jax import evaluate
+    from insloc_jax.eval import run as evaluate
 
     config = _config(data_dir)
     config.eval.every_steps = 2

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from insloc_jax import config as config_lib
-from insloc_jax import probes
+from insloc_jax.eval import probes
 
 EVAL_PURPOSE = 100  # added to the seeds purposes so no eval draw repeats a training draw
 
