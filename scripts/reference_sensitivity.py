@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from parity import random_batches  # noqa: E402
 from reference.from_jax import method_config, nchw, torch_encoder  # noqa: E402
-from reference.step import ReferenceStep  # noqa: E402
+from insloc_torch.step import TrainStep  # noqa: E402
 
 ARCHS = ("fpn", "c4", "moco")
 
@@ -36,7 +36,7 @@ def gradients(arch, relative, steps, batches):
             p.mul_(1 + relative * torch.randn(p.shape, generator=noise, dtype=p.dtype))
     queues = torch.nn.functional.normalize(
         torch.randn(encoder.levels, 64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), dim=-1)
-    step = ReferenceStep(encoder, queues, 2, 0.9, 0.2, ())  # true boxes on every level: no discrete choices
+    step = TrainStep(encoder, queues, 2, 0.9, 0.2, ())  # true boxes on every level: no discrete choices
     out = []
     for s, batch in enumerate(batches[:steps]):
         boxes = torch.from_numpy(batch["boxes1"]).double()[:, None].repeat(1, encoder.levels, 1)

@@ -27,3 +27,19 @@ def test_benchmark_times_counts_flops_and_archives_a_profile(tmp_path, capsys):
     archive = tmp_path / "fpn_2_float32.tar.gz"
     with tarfile.open(archive) as tar:
         assert any(name.endswith(".xplane.pb") for name in tar.getnames())
+
+
+@pytest.mark.parametrize("arch", ["fpn", "c4"])
+def test_torch_benchmark_runs_the_reference_step_on_the_cpu(arch, capsys):
+    import math
+
+    bench = load_script("benchmark_torch")
+    bench.main(["--device", "cpu", "--tiny", "--arch", arch, "--per_device_batch", "4", "--steps", "1",
+                "--warmup", "1", "--mode", "eager", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    summary = [line for line in out.splitlines() if line.startswith("--- torch eager")]
+    assert len(summary) == 1, out
+    assert math.isfinite(float(summary[0].rsplit("loss ", 1)[1]))
+    row = [line for line in out.splitlines() if line.startswith(f"| cpu | eager | {arch} | 4 |")]
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert float(cells[5]) > 0 and float(cells[6]) > 0  # step ms, samples/s

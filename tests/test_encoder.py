@@ -1,9 +1,9 @@
 """Encoders: PyTorch parity of res2..res5, P2..P5 and embeddings (fpn, c4), moco, full-size shapes.
 
-References: `tests/torch_models.py` modules named like the original mmdetection model, loading
-`export.to_mmdet` with strict=True, in eval mode. Their RoIAlign is `roi_align_reference`, a sample-by-sample
-PyTorch transcription of torchvision's definition written in that file (no torchvision here), so the
-embedding comparison checks our RoIAlign call (levels, scales, aligned offset, adaptive sampling) too.
+References: `insloc_torch.models` encoders at the published sizes, named like the original mmdetection
+model, loading `export.to_mmdet` with strict=True, in eval mode. Their RoIAlign is `insloc_torch.roi_align`, a
+PyTorch transcription of torchvision's definition (no torchvision here), so the embedding comparison checks
+our RoIAlign call (levels, scales, aligned offset, adaptive sampling) too.
 BatchNorm parameters and statistics are randomised so that eval-mode normalisation is not the identity.
 """
 
@@ -16,7 +16,7 @@ import torch
 from insloc_jax import export
 from insloc_jax.models.encoder import Encoder
 from parity import from_nchw, load_strict, randomize_batchnorm, rel_err, to_nchw
-from torch_models import MMDetInsLocC4, MMDetInsLocFPN, TorchResNet
+from insloc_torch import models
 
 SIZE = 64
 TOL = 1e-4
@@ -53,10 +53,12 @@ def test_fpn_parity_with_mmdet_reference():
     feats = inter["intermediates"]["backbone"]["__call__"][0]
     pyramid = inter["intermediates"]["neck"]["__call__"][0]
 
-    reference = load_strict(MMDetInsLocFPN(), export.to_mmdet(variables, "fpn"))
+    reference = load_strict(models.FPNEncoder(50, 64, 256, 256, 1024, 128), export.to_mmdet(variables, "fpn"))
     assert _param_count(variables["params"]) == sum(p.numel() for p in reference.parameters())
     with torch.no_grad():
-        t_feats, t_pyramid, t_emb = reference(to_nchw(images), torch.from_numpy(boxes))
+        t_feats, t_levels = reference.pyramid(to_nchw(images))
+        t_pyramid = {f"p{i + 2}": level for i, level in enumerate(t_levels)}
+        t_emb = reference(to_nchw(images), torch.from_numpy(boxes))
     errors = {name: rel_err(feats[name], from_nchw(t_feats[name])) for name in t_feats}
     errors.update({name: rel_err(pyramid[name], from_nchw(t_pyramid[name])) for name in t_pyramid})
     errors["embeddings"] = rel_err(emb, t_emb.numpy())
@@ -73,12 +75,12 @@ def test_c4_parity_with_mmdet_and_torchvision_references():
     emb = jax.jit(lambda v: model.apply(v, images, boxes, train=False))(variables)
     feats = jax.jit(lambda v: model.apply(v, images, method=Encoder.features))(variables)
 
-    reference = load_strict(MMDetInsLocC4(), export.to_mmdet(variables, "c4"))
+    reference = load_strict(models.C4Encoder(50, 64, 2048, 128), export.to_mmdet(variables, "c4"))
     assert _param_count(variables["params"]) == sum(p.numel() for p in reference.parameters())
     # The full ResNet (res5 = the RoI head's stage run on the whole res4 map) as torchvision runs it.
-    resnet = load_strict(TorchResNet(50), export.to_torchvision(variables))
+    resnet = load_strict(models.ResNet(50, 64), export.to_torchvision(variables))
     with torch.no_grad():
-        t_feats, t_emb = reference(to_nchw(images), torch.from_numpy(boxes))
+        t_feats, t_emb = reference.backbone(to_nchw(images)), reference(to_nchw(images), torch.from_numpy(boxes))
         tv_feats = resnet(to_nchw(images))
     errors = {name: rel_err(feats[name], from_nchw(t_feats[name])) for name in t_feats}
     errors["res5"] = rel_err(feats["res5"], from_nchw(tv_feats["res5"]))

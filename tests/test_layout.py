@@ -75,3 +75,18 @@ def test_the_import_graph_has_no_cycle():
     assert graph["insloc_jax.train"] >= {"insloc_jax.step", "insloc_jax.config"}  # the reader sees imports
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_pytorch_insloc_imports_nothing_of_the_jax_one():
+    # insloc_torch is the independent reference of the differential tests: sharing code would let one bug
+    # pass in both.
+    reference = os.path.join(os.path.dirname(PACKAGE), "insloc_torch")
+    names = set()
+    for name in sorted(os.listdir(reference)):
+        if name.endswith(".py"):
+            with open(os.path.join(reference, name), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+            names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert {"torch", "insloc_torch.boxes", "insloc_torch.roi_align"} <= names  # the files were read
+    assert not {n for n in names if n.split(".")[0] == "insloc_jax"}, names

@@ -1,6 +1,6 @@
 """ResNet: torchvision parity (eval and train mode), parameter counts, init, C4 truncation.
 
-The reference is `tests/torch_models.TorchResNet`, written with torchvision's module names; it loads
+The reference is `insloc_torch.models.ResNet`, written with torchvision's module names; it loads
 `export.to_torchvision` with strict=True. Odd input sizes exercise torch's symmetric padding of strided
 convs and of the max pool.
 """
@@ -15,7 +15,7 @@ from insloc_jax import export
 from insloc_jax.models.encoder import Encoder
 from insloc_jax.models.resnet import ResNet
 from parity import from_nchw, load_strict, randomize_batchnorm, rel_err, to_nchw
-from torch_models import TorchResNet
+from insloc_torch.models import ResNet as TorchResNet  # torchvision structure and names
 
 # torchvision resnetN parameter counts minus the fc layer (512 * 1000 + 1000 or 2048 * 1000 + 1000).
 TORCHVISION_PARAMS_NO_FC = {18: 11_689_512 - 513_000, 34: 21_797_672 - 513_000,
@@ -34,7 +34,7 @@ def _param_count(tree):
 @pytest.mark.parametrize("depth", [18, 34, 50, 101])
 def test_parameter_counts_match_torchvision(depth):
     shapes = jax.eval_shape(lambda: ResNet(depth).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), False))
-    torch_count = sum(p.numel() for p in TorchResNet(depth).parameters())
+    torch_count = sum(p.numel() for p in TorchResNet(depth, 64).parameters())
     assert _param_count(shapes["params"]) == torch_count == TORCHVISION_PARAMS_NO_FC[depth]
     if depth == 50:
         assert torch_count == 23_508_032
@@ -48,7 +48,7 @@ def test_resnet50_eval_parity_with_torchvision_names():
     ours = jax.jit(lambda v, x: model.apply(v, x, False))(variables, images)
 
     exported = export.to_torchvision(_as_encoder(variables["params"], variables["batch_stats"]))
-    reference = load_strict(TorchResNet(50), exported)
+    reference = load_strict(TorchResNet(50, 64), exported)
     with torch.no_grad():
         theirs = reference(to_nchw(images))
     for name, size in (("res2", (17, 16)), ("res3", (9, 8)), ("res4", (5, 4)), ("res5", (3, 2))):
@@ -65,7 +65,7 @@ def test_train_mode_outputs_and_running_stats_match_torch():
     ours, updated = model.apply(variables, images, True, mutable=["batch_stats"])
 
     exported = export.to_torchvision(_as_encoder(variables["params"], variables["batch_stats"]))
-    reference = load_strict(TorchResNet(18), exported).train()
+    reference = load_strict(TorchResNet(18, 64), exported).train()
     with torch.no_grad():
         theirs = reference(to_nchw(images))
     assert rel_err(ours["res5"], from_nchw(theirs["res5"])) <= 1e-4

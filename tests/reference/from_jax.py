@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from insloc_jax import export
-from reference import models
+from insloc_torch import models
 
 
 def torch_names(tree, stats, arch):
@@ -60,22 +60,22 @@ def nchw(images):
 
 
 def reference_run(config, state, devices, dtype=torch.float32):
-    """A reference.step.ReferenceStep from the query weights and queues of the JAX host TrainState `state`
+    """An insloc_torch.step.TrainStep from the query weights and queues of the JAX host TrainState `state`
     (its key encoder is the query's copy, as a fresh run's), with the config's method and SGD settings,
     computing in `dtype`."""
-    from reference.step import ReferenceStep
+    from insloc_torch.step import TrainStep
 
     query = torch_encoder(config.model).to(dtype)
     load(query, torch_names(state.params, state.batch_stats, config.model.arch))
     queues = torch.from_numpy(np.array(state.queues)).to(dtype)
-    return ReferenceStep(query, queues, devices, config.contrast.momentum,
+    return TrainStep(query, queues, devices, config.contrast.momentum,
                          config.contrast.temperature, config.box_aug.levels, lr_momentum=config.optim.momentum,
                          nesterov=config.optim.nesterov, weight_decay=config.optim.weight_decay)
 
 
 def reference_step(ref, batch, state_rng, step, anchors, lr):
     """Runs `ref` on a JAX host batch {image1, image2 [N, H, W, 3] float, boxes1, boxes2 [N, 4]} with the
-    draws of JAX step `step`; returns reference.step.ReferenceStep.step's metrics."""
+    draws of JAX step `step`; returns TrainStep.step's metrics as python floats and lists."""
     global_batch = batch["image1"].shape[0]
     dtype = next(ref.query.parameters()).dtype
     tensor = lambda x: torch.from_numpy(np.array(x)).to(dtype)
@@ -83,8 +83,9 @@ def reference_step(ref, batch, state_rng, step, anchors, lr):
     # Box augmentation picks an anchor with float32 IoUs and scores (the data's precision), in either mode.
     single = lambda x: torch.from_numpy(np.array(x, np.float32))
     boxes_q = ref.query_boxes(single(batch["boxes1"]), single(anchors), single(scores), tensor(choices)).to(dtype)
-    return ref.step(nchw(batch["image1"]).to(dtype), boxes_q, nchw(batch["image2"]).to(dtype),
-                    tensor(batch["boxes2"]), torch.from_numpy(permutation), lr)
+    out = ref.step(nchw(batch["image1"]).to(dtype), boxes_q, nchw(batch["image2"]).to(dtype),
+                   tensor(batch["boxes2"]), torch.from_numpy(np.array(permutation)), lr)
+    return {name: value.tolist() for name, value in out.items()}
 
 
 def jax_run(config, devices, num_examples):
@@ -111,14 +112,9 @@ def jax_run(config, devices, num_examples):
 def method_config(arch, global_batch):
     """configs/tiny.py as `arch`'s method (fpn: InsLoc-FPN, box augmentation on P5; c4: InsLoc-C4 on its one
     level; moco: MoCo-v2, whole-image views, plain momentum), BN per device, `global_batch` per step."""
-    from configs import tiny
+    from configs import methods, tiny
 
-    c = tiny.get_config()
-    c.model.arch = arch
+    c = methods.apply(tiny.get_config(), methods.BY_ARCH[arch])
     c.train.global_batch = global_batch
     c.train.bn_group_size = 0
-    if arch == "c4":
-        c.box_aug.levels = (0,)
-    if arch == "moco":
-        c.data.mode, c.box_aug.levels, c.optim.nesterov = "moco", (), False
     return c

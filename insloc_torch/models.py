@@ -1,14 +1,15 @@
-"""The three encoders in plain torch (no torchvision ops), at any ResNet depth and width.
+"""The three encoders in plain torch, at any ResNet depth and width.
 
 Module names follow the original's mmdetection checkpoint (`backbone.layer1.0.conv1`, `neck.lateral_convs.0.
 conv`, `roi_head.bbox_head.shared_fcs.0`, ...), so the project's mmdet export loads with strict=True. Images
-are NCHW; every forward returns L2-normalised embeddings [B, L, D].
+are NCHW; every forward returns L2-normalised embeddings [B, L, D]. The box encoders take their RoIAlign as
+an argument (`roi_align.py`: the definition's, or torchvision's kernel for speed).
 """
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from insloc_torch.roi_align import roi_align as reference_roi_align
 
 STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
           101: ("bottleneck", (3, 4, 23, 3))}
@@ -83,46 +84,6 @@ class ResNet(nn.Module):
         return out
 
 
-def _axis_weights(start, length, out, grid, size, dtype):
-    """[out, size] RoIAlign weights along one axis: bin p averages `grid` bilinear samples at
-    start + (p + (i + 0.5) / grid) * length / out, each spread over its two neighbouring cells
-    (torchvision's bilinear_interpolate: zero beyond one cell outside, clamped at the border)."""
-    weights = torch.zeros(out, size, dtype=dtype)
-    for p in range(out):
-        for i in range(grid):
-            y = start + (p + (i + 0.5) / grid) * length / out
-            if y < -1.0 or y > size:
-                continue
-            y = max(y, 0.0)
-            low = int(math.floor(y))
-            if low >= size - 1:
-                weights[p, size - 1] += 1.0 / grid
-                continue
-            weights[p, low] += (low + 1 - y) / grid
-            weights[p, low + 1] += (y - low) / grid
-    return weights
-
-
-def roi_align(feature, boxes, out, scale):
-    """RoIAlign with aligned=True and adaptive sampling (ceil(side / out) samples per bin side), one box
-    per image. Bilinear sampling factorises into rows times columns, so each box is two weight matrices.
-
-    Args:
-      feature: [B, C, H, W]; boxes: [B, 4] xyxy in input pixels; out: bins per side; scale: 1 / stride.
-
-    Returns:
-      [B, C, out, out].
-    """
-    rows = []
-    for b in range(feature.shape[0]):
-        x1, y1, x2, y2 = [float(v) * scale - 0.5 for v in boxes[b]]
-        h, w = y2 - y1, x2 - x1
-        wy = _axis_weights(y1, h, out, max(1, math.ceil(h / out)), feature.shape[2], feature.dtype)
-        wx = _axis_weights(x1, w, out, max(1, math.ceil(w / out)), feature.shape[3], feature.dtype)
-        rows.append(torch.einsum("ph,chw,qw->cpq", wy, feature[b], wx))
-    return torch.stack(rows)
-
-
 class ConvBN(nn.Module):
     """mmcv's ConvModule with BN: `conv` (no bias), `bn`, optional ReLU."""
 
@@ -140,7 +101,8 @@ class FPNEncoder(nn.Module):
 
     levels = 4
 
-    def __init__(self, depth, width, fpn_dim, conv_dim, fc_dim, dim, convs=4, fcs=2, roi=7):
+    def __init__(self, depth, width, fpn_dim, conv_dim, fc_dim, dim, convs=4, fcs=2, roi=7,
+                 roi_align=reference_roi_align):
         super().__init__()
         self.backbone = ResNet(depth, width)
         self.neck = nn.Module()
@@ -154,15 +116,19 @@ class FPNEncoder(nn.Module):
         head.fc_cls = nn.Linear(fc_dim, dim)
         self.roi_head = nn.Module()
         self.roi_head.bbox_head = head
-        self.roi = roi
+        self.roi, self.roi_align = roi, roi_align
 
-    def forward(self, images, boxes):
+    def pyramid(self, images):
+        """images [B, 3, H, W] -> ({"res2".."res5": ResNet maps}, [P2, P3, P4, P5])."""
         feats = self.backbone(images)
         laterals = [m(feats[f"res{i + 2}"]) for i, m in enumerate(self.neck.lateral_convs)]
         for i in range(len(laterals) - 1, 0, -1):  # top-down: nearest upsampling, added
             laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[2:])
-        pyramid = [m(x) for m, x in zip(self.neck.fpn_convs, laterals)]
-        rois = torch.stack([roi_align(p, boxes[:, i], self.roi, 1.0 / s)
+        return feats, [m(x) for m, x in zip(self.neck.fpn_convs, laterals)]
+
+    def forward(self, images, boxes):
+        _, pyramid = self.pyramid(images)
+        rois = torch.stack([self.roi_align(p, boxes[:, i], self.roi, 1.0 / s)
                             for i, (p, s) in enumerate(zip(pyramid, FPN_STRIDES))], 1)  # [B, 4, C, 7, 7]
         x = rois.flatten(0, 1)  # image-major [B * 4, C, 7, 7]: every RoI of the batch in one BN batch
         head = self.roi_head.bbox_head
@@ -179,7 +145,7 @@ class C4Encoder(nn.Module):
 
     levels = 1
 
-    def __init__(self, depth, width, mlp_dim, dim, roi=14):
+    def __init__(self, depth, width, mlp_dim, dim, roi=14, roi_align=reference_roi_align):
         super().__init__()
         self.backbone = ResNet(depth, width, stages=3)
         kind, blocks = STAGES[depth]
@@ -189,10 +155,10 @@ class C4Encoder(nn.Module):
         self.roi_head.bbox_head = nn.Module()
         self.roi_head.bbox_head.shared_fcs = nn.ModuleList([nn.Linear(c5, mlp_dim)])
         self.roi_head.bbox_head.fc_cls = nn.Linear(mlp_dim, dim)
-        self.roi = roi
+        self.roi, self.roi_align = roi, roi_align
 
     def forward(self, images, boxes):
-        rois = roi_align(self.backbone(images)["res4"], boxes[:, 0], self.roi, 1.0 / 16)
+        rois = self.roi_align(self.backbone(images)["res4"], boxes[:, 0], self.roi, 1.0 / 16)
         x = self.roi_head.shared_head.layer4(rois).mean(dim=(2, 3))
         x = F.relu(self.roi_head.bbox_head.shared_fcs[0](x))
         return F.normalize(self.roi_head.bbox_head.fc_cls(x), dim=-1)[:, None]
@@ -213,3 +179,17 @@ class MoCoEncoder(nn.Module):
     def forward(self, images, boxes):
         x = self.backbone(images)["res5"].mean(dim=(2, 3))
         return F.normalize(self.projection.fc2(F.relu(self.projection.fc1(x))), dim=-1)[:, None]
+
+
+def init_weights(encoder: nn.Module) -> nn.Module:
+    """REFERENCE initialisation: convs normal(0, sqrt(2 / (k * k * out))), fcs Xavier-uniform with zero bias.
+
+    The JAX model's initialisation; torch's default init would start the baseline from other weights.
+    """
+    for module in encoder.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    return encoder

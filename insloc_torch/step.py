@@ -11,41 +11,13 @@ temperature T per level, summed over levels, averaged over samples; the gradient
 losses feeds SGD (Nesterov momentum, weight decay on every parameter); the global batch's keys are enqueued
 after the loss, one pointer for all levels. BatchNorm running statistics end as the mean of the devices' own.
 """
+import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
 
-
-def box_iou(a, b):
-    """[N, 4] x [M, 4] xyxy -> [N, M] IoU."""
-    area = lambda x: (x[:, 2] - x[:, 0]).clamp(min=0) * (x[:, 3] - x[:, 1]).clamp(min=0)
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    return inter / (area(a)[:, None] + area(b)[None] - inter)
-
-
-def augment_box(box, anchors, scores, draws, iou_threshold=0.5, nms_threshold=0.7, top_k=4000):
-    """InsLoc's box augmentation of one true box [4] given the anchors [A, 4] and two uniform draws per
-    anchor [A]: candidates are the anchors of IoU > iou_threshold with the box (else the top_k of highest
-    IoU), greedy NMS by `scores` keeps some of them, and the survivor of largest `draws` is the new box."""
-    ious = box_iou(box[None], anchors)[0]
-    candidates = ious > iou_threshold
-    if not candidates.any():
-        order = sorted(range(len(ious)), key=lambda i: (-float(ious[i]), i))[:top_k]
-        candidates = torch.zeros_like(candidates)
-        candidates[order] = True
-    remaining = [int(i) for i in torch.nonzero(candidates).flatten()]
-    remaining.sort(key=lambda i: (-float(scores[i]), i))  # ties to the lower index
-    survivors = []
-    while remaining:
-        best = remaining.pop(0)
-        survivors.append(best)
-        overlap = box_iou(anchors[best][None], anchors[remaining])[0] if remaining else []
-        remaining = [i for i, o in zip(remaining, overlap) if o <= nms_threshold]
-    choice = max(survivors, key=lambda i: (float(draws[i]), -i))
-    return anchors[choice]
+from insloc_torch.boxes import augment_boxes, greedy_nms
 
 
 def _buffers(model):
@@ -59,19 +31,23 @@ def _set_buffers(model, values):
             module._buffers[name] = values[f"{module_name}.{name}" if module_name else name].clone()
 
 
-def per_device(model, chunks, grad):
-    """Runs `model` in train mode on each device's (images, boxes), each with its own BN statistics;
-    the running statistics end as the mean of what each device's pass made of them.
+def per_device(model, forward, chunks, grad):
+    """Runs `forward` (model itself, or a compiled wrapper of it) in train mode on each device's (images,
+    boxes), each with its own BN statistics; the running statistics end as the mean of what each device's
+    pass made of them.
 
     Returns:
       the list of per-device outputs.
     """
-    start, ends, outputs = _buffers(model), [], []
     model.train()
+    if len(chunks) == 1:  # one device: its statistics are the run's
+        with torch.set_grad_enabled(grad):
+            return [forward(*chunks[0])]
+    start, ends, outputs = _buffers(model), [], []
     for images, boxes in chunks:
         _set_buffers(model, start)
         with torch.set_grad_enabled(grad):
-            outputs.append(model(images, boxes))
+            outputs.append(forward(images, boxes))
         ends.append(_buffers(model))
     averaged = {}
     for name, value in start.items():
@@ -86,25 +62,29 @@ def infonce(query, key, queue, temperature):
     positive = (query * key).sum(-1, keepdim=True)  # [B, L, 1]
     negative = torch.einsum("bld,lkd->blk", query, queue)
     logits = torch.cat([positive, negative], -1) / temperature
-    per_level = F.cross_entropy(logits.flatten(0, 1), torch.zeros(logits.shape[0] * logits.shape[1],
-                                dtype=torch.long), reduction="none").view(logits.shape[:2]).mean(0)
+    target = torch.zeros(logits.shape[0] * logits.shape[1], dtype=torch.long, device=logits.device)
+    per_level = F.cross_entropy(logits.flatten(0, 1), target, reduction="none").view(logits.shape[:2]).mean(0)
     top1 = (logits.argmax(-1) == 0).to(query.dtype).mean(0)
     return per_level.sum(), per_level, top1
 
 
-class ReferenceStep:
+class TrainStep:
     """Query and key encoders, SGD and queues of one run; `step(...)` advances them by one step.
 
     Args:
       query: the query encoder (a models.*Encoder); the key encoder starts as its exact copy.
-      queues: [L, K, D] initial queue contents; pointer starts at 0.
+      queues: [L, K, D] initial queue contents (their dtype is the loss's); pointer starts at 0.
       devices: D, simulated devices (the global batch splits into D equal shares).
       momentum, temperature, augment_levels: the method's settings.
       lr_momentum, nesterov, weight_decay: SGD's.
+      autocast: a dtype to run the encoders in under `torch.autocast` (torch.bfloat16), or None.
+      compiled: run both encoders' forwards through `torch.compile`.
+      keep_grads: keep each step's gradients in `self.grads` (for comparisons).
     """
 
     def __init__(self, query, queues, devices, momentum, temperature, augment_levels,
-                 lr_momentum=0.9, nesterov=True, weight_decay=1e-4):
+                 lr_momentum=0.9, nesterov=True, weight_decay=1e-4, autocast=None, compiled=False,
+                 keep_grads=True):
         self.query, self.key = query, copy.deepcopy(query)
         for p in self.key.parameters():
             p.requires_grad_(False)
@@ -113,22 +93,32 @@ class ReferenceStep:
         self.augment_levels = tuple(augment_levels)
         self.optimizer = torch.optim.SGD(self.query.parameters(), lr=0.0, momentum=lr_momentum,
                                          nesterov=nesterov, weight_decay=weight_decay)
-        self.grads = {}
+        self.forward = {m: torch.compile(m) if compiled else m for m in (self.query, self.key)}
+        self.autocast, self.keep_grads, self.grads = autocast, keep_grads, {}
+        self.params = (list(self.key.parameters()), list(self.query.parameters()))
 
     def _shares(self, *tensors):
         share = tensors[0].shape[0] // self.devices
         return [tuple(t[d * share:(d + 1) * share] for t in tensors) for d in range(self.devices)]
 
-    def query_boxes(self, boxes, anchors, scores, draws):
+    def _precision(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.queues.device.type, dtype=self.autocast)
+
+    def query_boxes(self, boxes, anchors, scores, draws, nms=greedy_nms):
         """[N, 4] true boxes -> [N, L, 4], box-augmented on `augment_levels` with the given draws [N, A]."""
-        levels = self.query.levels
-        out = boxes[:, None, :].repeat(1, levels, 1).clone()
-        for n in range(boxes.shape[0]):
-            if self.augment_levels:
-                new = augment_box(boxes[n], anchors, scores[n], draws[n])
-                for level in self.augment_levels:
-                    out[n, level] = new
+        out = boxes[:, None, :].repeat(1, self.query.levels, 1).clone()
+        if self.augment_levels:
+            new = augment_boxes(boxes, anchors, scores, draws, nms=nms)
+            for level in self.augment_levels:
+                out[:, level] = new
         return out
+
+    def _encode(self, model, images, boxes, grad):
+        with self._precision():
+            outputs = per_device(model, self.forward[model], self._shares(images, boxes), grad)
+        return [o.to(self.queues.dtype) for o in outputs]
 
     def step(self, images_q, boxes_q, images_k, boxes_k, permutation, lr):
         """One step on the global batch.
@@ -139,28 +129,27 @@ class ReferenceStep:
             permutation[d * N / D:(d + 1) * N / D]); lr: this step's learning rate.
 
         Returns:
-          {"loss": mean over devices of the summed loss, "loss_l": [L], "top1": [L]} as python floats / lists.
+          {"loss": mean over devices of the summed loss, "loss_l": [L], "top1": [L]}, detached tensors.
         """
         with torch.no_grad():  # the momentum update comes before the key pass
-            for k, q in zip(self.key.parameters(), self.query.parameters()):
-                k.mul_(self.momentum).add_(q, alpha=1.0 - self.momentum)
-        levels = self.query.levels
-        key_boxes = boxes_k[:, None, :].repeat(1, levels, 1)
-        shuffled = per_device(self.key, self._shares(images_k[permutation], key_boxes[permutation]), grad=False)
-        keys = torch.empty_like(torch.cat(shuffled))
-        keys[permutation] = torch.cat(shuffled)  # back to sample order
-        queries = per_device(self.query, self._shares(images_q, boxes_q), grad=True)
-        results = [infonce(q, k, self.queues, self.temperature)
-                   for q, (k,) in zip(queries, self._shares(keys))]
+            torch._foreach_mul_(self.params[0], self.momentum)
+            torch._foreach_add_(self.params[0], self.params[1], alpha=1.0 - self.momentum)
+        key_boxes = boxes_k[:, None, :].repeat(1, self.query.levels, 1)
+        shuffled = torch.cat(self._encode(self.key, images_k[permutation], key_boxes[permutation], grad=False))
+        keys = torch.empty_like(shuffled)
+        keys[permutation] = shuffled  # back to sample order
+        queries = self._encode(self.query, images_q, boxes_q, grad=True)
+        results = [infonce(q, k, self.queues, self.temperature) for q, (k,) in zip(queries, self._shares(keys))]
         loss = torch.stack([r[0] for r in results]).mean()
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.grads = {name: p.grad.clone() for name, p in self.query.named_parameters()}
+        if self.keep_grads:
+            self.grads = {name: p.grad.clone() for name, p in self.query.named_parameters()}
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         total = keys.shape[0]
         self.queues[:, self.pointer:self.pointer + total] = keys.detach().transpose(0, 1)
         self.pointer = (self.pointer + total) % self.queues.shape[1]
-        return {"loss": float(loss.detach()), "loss_l": torch.stack([r[1] for r in results]).mean(0).tolist(),
-                "top1": torch.stack([r[2] for r in results]).mean(0).tolist()}
+        return {"loss": loss.detach(), "loss_l": torch.stack([r[1] for r in results]).mean(0).detach(),
+                "top1": torch.stack([r[2] for r in results]).mean(0)}
