@@ -4,7 +4,7 @@ training command when a run finishes.
   * seconds per phase: dataset (opening the source; the embedded dataset is generated on first use), setup
     (state, restore, input pipeline), compile (the first step, compile included), train (the other steps),
     probe and export;
-  * the two cheap frozen-feature probes of `evaluate.py` (instance retrieval and kNN) of the final weights
+  * the two cheap frozen-feature probes of `insloc_jax.eval` (instance retrieval and kNN) of the final weights
     next to the run's random initialisation, on the same held-out items, each with its paired difference
     and that difference's standard error, and a one-line verdict: "learned" when a probe gains more than
     `SIGNIFICANT` standard errors and none loses that much, else "did not learn";

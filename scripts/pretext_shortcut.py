@@ -6,7 +6,7 @@ In the loss every query meets one key from the current key encoder (its positive
 earlier steps. If the key encoder drifts within the queue's span (a short queue, a fast key encoder), a
 direction shared by all of its current outputs marks the positive as the fresh one, and the loss falls
 without the instances being told apart. This script loads a checkpoint's query encoder, key encoder and
-queues, embeds the probe composites (`probe_data`: two views of each held-out image on new backgrounds,
+queues, embeds the probe composites (`insloc_jax.eval.data`: two views of each held-out image on new backgrounds,
 view 1 for the query encoder, view 2 for the key encoder, BatchNorm in training mode as in the step) and
 prints per level, as cosines:
   positive       q_i . k_i

@@ -2,7 +2,7 @@
 
     python scripts/reference_sensitivity.py [--relative 1e-12] [--steps 3]
 
-The reference step of tests/reference in float64 at configs/tiny.py sizes (8 random samples per step on 2
+The reference step of insloc_torch in float64 at configs/tiny.py sizes (8 random samples per step on 2
 simulated devices, lr 0.094, key momentum 0.9, as tests/test_reference_step.py), run twice: from one
 initialisation and from the same one with every weight multiplied by (1 + relative * N(0, 1)). Prints, per
 arch and step, the largest and the median over parameters of |gradient change| / max |gradient|, divided by

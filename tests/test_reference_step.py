@@ -1,4 +1,4 @@
-"""The whole train step against the independent PyTorch step of tests/reference, on 2 simulated devices.
+"""The whole train step against the independent PyTorch step of insloc_torch, on 2 simulated devices.
 
 Both start from the same weights (the JAX initialisation through the project's mmdet / torchvision export),
 the same queues, batches and random draws (shuffle permutation, box-augmentation scores and choices, derived
