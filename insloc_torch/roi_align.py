@@ -29,8 +29,8 @@ def _axis_weights(start, length, out, grid, size, dtype):
 
 
 def roi_align(feature, boxes, out, scale):
-    """From the definition, a python loop over boxes (the reference; slow on any device). Bilinear sampling factorises into rows times columns,
-    so each box is two weight matrices."""
+    """From the definition, a python loop over boxes (the reference; slow on any device). Bilinear sampling
+    factorises into rows times columns, so each box is two weight matrices."""
     rows = []
     for b in range(feature.shape[0]):
         x1, y1, x2, y2 = [float(v) * scale - 0.5 for v in boxes[b]]

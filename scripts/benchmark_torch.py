@@ -5,14 +5,14 @@
     python scripts/benchmark_torch.py --device cpu --tiny      # smoke run without torchvision
     (--depth --width --image --fpn_dim --head_dim --fc_dim --mlp_dim --embed_dim --queue override a preset)
 
-One step on one device, as in REFERENCE sections 2-4: ResNet-50 (torchvision's structure), FPN with BatchNorm (lateral
-1x1 + BN, nearest top-down, output 3x3 + BN), `torchvision.ops.roi_align` (7x7, adaptive sampling,
+One step on one device, as in REFERENCE sections 2-4: ResNet-50 (torchvision's structure), FPN with BatchNorm
+(lateral 1x1 + BN, nearest top-down, output 3x3 + BN), `torchvision.ops.roi_align` (7x7, adaptive sampling,
 aligned) on each of P2..P5, the shared 4conv-2fc head, L2-normalised 128-d embeddings per level; the C4
-variant pools 14x14 from res4 and runs res5 + global pool + MLP 2048-2048-128. The key encoder is a
-momentum copy (m = 0.999, parameters only); the P5 query box is box-augmented (anchor IoU > 0.5, random
-scores, `batched_nms` at 0.7, one random survivor); InfoNCE per level against a 65536-key queue (T 0.2),
-losses summed; SGD with Nesterov momentum 0.9 and weight decay 1e-4, lr 0.03 x batch / 256; the batch's
-keys are enqueued FIFO.
+variant pools 14x14 from res4 and runs res5 + global pool + MLP 2048-2048-128. The key encoder is a momentum
+copy (m = 0.999, parameters only); the P5 query box is box-augmented (anchor IoU > 0.5, random scores,
+`batched_nms` at 0.7, one random survivor); InfoNCE per level against a 65536-key queue (T 0.2), losses
+summed; SGD with Nesterov momentum 0.9 and weight decay 1e-4, lr 0.03 x batch / 256; the batch's keys are
+enqueued FIFO.
 
 Shuffle BN on one device: the key batch is permuted before the key pass and its embeddings are
 un-permuted after it, as MoCo does across GPUs. With a single BN group the statistics do not change, so
@@ -31,7 +31,6 @@ kernels, channels_last, autocast and torch.compile. Without torchvision (the CPU
 reference's own RoIAlign and greedy NMS, written from their definitions, run instead: exact, but slow, so
 timings from that path say nothing about a GPU.
 """
-
 from __future__ import annotations
 
 import argparse
