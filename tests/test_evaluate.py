@@ -352,3 +352,33 @@ def test_evaluate_command_reports_a_missing_config_file_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == ("error: cannot load the --config file: [Errno 2] No such "
                                                     "file or directory: 'configs/no_such_run.py'")
     assert "Traceback" not in proc.stderr
+
+
+def test_box_probe_grids_pool_the_named_maps_backbone_and_fpn():
+    """A grid on p3 and res2 pools those maps (checked against the numpy RoIAlign of the encoder's own
+    outputs) around the enlarged jittered box, in grid order; FPN levels of a MoCo encoder are refused."""
+    from configs import tiny
+    from insloc_jax import config as config_lib
+    from insloc_jax.eval import features
+    from insloc_jax.models.encoder import Encoder
+    from insloc_jax.state import init_variables
+    from roi_align_reference import roi_align_numpy
+
+    config = tiny.get_config()
+    size = config.data.canvas_size
+    encoder = config_lib.make_encoder(config)
+    images = np.random.default_rng(1).normal(size=(2, size, size, 3)).astype(np.float32)
+    variables = init_variables(encoder, jax.random.PRNGKey(0), size)
+    true = np.array([[4, 6, 40, 50], [10, 2, 60, 30]], np.float32)
+    jittered = probes.jitter_boxes(true, 3, size)[:, None].astype(np.float32)  # [2, 1, 4]
+    grids = (("p3", 2), ("res2", 3))
+    regress = np.asarray(features.make_extractors(encoder, grids)[0](variables, images, true, jittered)["regress"])
+    maps = dict(encoder.apply(variables, images, method=Encoder.features))
+    maps.update(encoder.apply(variables, images, method=Encoder.pyramid))
+    window = np.asarray(features.context_boxes(jittered[:, 0], size))
+    expected = [roi_align_numpy(np.asarray(maps[name], np.float32), window, np.arange(2), (side, side),
+                                maps[name].shape[1] / size, 0, True).reshape(2, -1) for name, side in grids]
+    np.testing.assert_allclose(regress[:, 0], np.concatenate(expected, axis=1), rtol=1e-4, atol=1e-5)
+    config.model.arch = "moco"
+    with pytest.raises(ValueError, match="FPN levels"):
+        features.make_extractors(config_lib.make_encoder(config), grids)

@@ -19,22 +19,32 @@ def context_boxes(boxes: jnp.ndarray, canvas_size: int, factor: float = CONTEXT)
     return jnp.clip(jnp.concatenate([centre - half, centre + half], axis=1), 0.0, float(canvas_size))
 
 
-def make_extractors(encoder: Encoder):
+def make_extractors(encoder: Encoder, grids=REGRESSION_GRIDS):
     """The probes' jitted feature functions of a frozen encoder (BatchNorm in evaluation mode).
 
     Args:
-      encoder: the run's Encoder; only `Encoder.features` (res4, res5) is used.
+      encoder: the run's Encoder; `Encoder.features` (res2..res5) and, for grids on FPN levels (p2..p5),
+        `Encoder.pyramid`.
+      grids: the box probe's ((map name, grid side), ...): each jittered box's context window is pooled to
+        a side x side grid on every named map and the grids are concatenated. The default reads res4 at 4 x 4
+        and res5 at 2 x 2.
 
     Returns:
       (composite_features, whole_features):
         composite_features(variables, images [B, S, S, 3], boxes [B, 4], jittered [B, J, 4]) ->
-          {"box": [B, C5] true-box feature, "regress": [B, J, 16 * C4 + 4 * C5] jittered-box grid features};
+          {"box": [B, C5] true-box feature, "regress": [B, J, D] jittered-box grid features, D = the sum of
+          side^2 x channels over `grids` (16 * C4 + 4 * C5 by default)};
         whole_features(variables, images [B, s, s, 3]) -> [B, C5] global-pooled res5.
     """
+    names = {"res5"} | {name for name, _ in grids}
+    if any(name.startswith("p") for name in names) and encoder.arch != "fpn":
+        raise ValueError(f"box probe grids {grids} read FPN levels, which a {encoder.arch!r} encoder has not")
 
     def maps(variables, images):
-        feats = encoder.apply(variables, images, train=False, method=Encoder.features)
-        return {k: feats[k].astype(jnp.float32) for k in ("res4", "res5")}
+        feats = dict(encoder.apply(variables, images, train=False, method=Encoder.features))
+        if any(name.startswith("p") for name in names):
+            feats.update(encoder.apply(variables, images, train=False, method=Encoder.pyramid))
+        return {k: feats[k].astype(jnp.float32) for k in names}
 
     def composite_features(variables, images, boxes, jittered):
         feats = maps(variables, images)
@@ -43,12 +53,12 @@ def make_extractors(encoder: Encoder):
         b, j = jittered.shape[:2]
         window = context_boxes(jittered.reshape(b * j, 4), images.shape[1])  # row r belongs to image r // J
         owner = jnp.repeat(jnp.arange(b), j)
-        grids = [roi_align(feats[k], window, owner, size, scale[k]).reshape(b, j, -1)
-                 for k, size in REGRESSION_GRIDS]
-        return {"box": box, "regress": jnp.concatenate(grids, axis=2)}
+        pooled = [roi_align(feats[k], window, owner, size, scale[k]).reshape(b, j, -1) for k, size in grids]
+        return {"box": box, "regress": jnp.concatenate(pooled, axis=2)}
 
     def whole_features(variables, images):
-        return maps(variables, images)["res5"].mean(axis=(1, 2))  # [B, C5]
+        res5 = encoder.apply(variables, images, train=False, method=Encoder.features)["res5"]
+        return res5.astype(jnp.float32).mean(axis=(1, 2))  # [B, C5]
 
     return jax.jit(composite_features), jax.jit(whole_features)
 

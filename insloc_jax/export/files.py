@@ -80,7 +80,7 @@ def save_detectron2_pkl(state_dict: Mapping[str, np.ndarray], path: str, force: 
       force: overwrite an existing file (otherwise FileExistsError).
     """
     payload = {
-        "model": {name: np.asarray(value) for name, value in state_dict.items()},
+        FILES["detectron2"][1]: {name: np.asarray(value) for name, value in state_dict.items()},
         "__author__": "insloc_jax",
         "matching_heuristics": True,
     }
@@ -91,6 +91,6 @@ def write(fmt: str, state_dict: Mapping[str, np.ndarray], path: str, force: bool
     """Writes `state_dict` as the file `fmt` (a key of FILES) is read from."""
     suffix, wrap = FILES[fmt]
     if suffix == "pkl":
-        save_detectron2_pkl(state_dict, path, force)
+        save_detectron2_pkl(state_dict, path, force)  # its wrapper key comes from FILES too
     else:
         save_pth(state_dict, path, force, wrap)

@@ -29,8 +29,8 @@ def export_run(workdir: str, fmt: str, output: str, step: Optional[int] = None, 
         raise FileExistsError(f"{output} exists; choose another --output or pass --force to overwrite it")
     variables, config, step = load_query_variables(workdir, step)
     target = arch or ("fpn" if config.model.arch == "moco" else config.model.arch)
-    # Each BatchNorm saw one training batch per step.
-    weights = state_dict(variables, fmt, None if fmt == "torchvision" else target, num_batches_tracked=step)
+    # Each BatchNorm saw one training batch per step; torchvision's layout has no detector arch to follow.
+    weights = state_dict(variables, fmt, target, num_batches_tracked=step)
     write(fmt, weights, output, force)
     return output, step, len(weights)
 
