@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices and full float32 matmul precision, set before JAX is imported.
+"""Test setup: 8 fake CPU devices, fast XLA compiles (`xla_flags.py`) and full float32 matmul precision, set
+before JAX is imported.
 
 A session-wide persistent compilation cache lets the training tests, which build the same tiny train step
 several times (straight run, interrupted run, resumed run), compile it once. It lives in a temporary
@@ -9,7 +10,11 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from xla_flags import FAST_COMPILE, flags  # noqa: E402
+
+os.environ.setdefault("XLA_FLAGS", flags(8))
+if FAST_COMPILE not in os.environ["XLA_FLAGS"]:  # the README command sets only the device count
+    os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402

@@ -11,9 +11,11 @@ import os
 import signal
 import sys
 
+from xla_flags import flags as xla_test_flags
+
 PROCESS, PROCESSES, PORT = (int(a) for a in sys.argv[1:4])
 DATA_DIR, WORKDIR = sys.argv[4:6]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = xla_test_flags(2)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402

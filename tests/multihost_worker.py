@@ -9,8 +9,10 @@ import json
 import os
 import sys
 
+from xla_flags import flags as xla_test_flags
+
 PROCESS, PROCESSES, PORT, LOCAL = (int(a) for a in sys.argv[1:5])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL}"
+os.environ["XLA_FLAGS"] = xla_test_flags(LOCAL)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402

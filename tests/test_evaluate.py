@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from insloc_jax.eval import probes
+from xla_flags import flags as xla_test_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -328,7 +329,7 @@ def _evaluate_command(*args):
     import sys
 
     return subprocess.run([sys.executable, "-m", "insloc_jax.evaluate", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=""))
+                          text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=xla_test_flags()))
 
 
 def test_evaluate_command_on_the_random_init_writes_what_it_prints(tmp_path):

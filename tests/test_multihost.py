@@ -23,7 +23,7 @@ def _spawn(script, args, cache_dir=None):
     With `cache_dir`, the worker keeps its compiled programs there (JAX's persistent cache, every program),
     so a second build of the same step in that process loads it instead of compiling again.
     """
-    env = dict(os.environ, XLA_FLAGS="")
+    env = dict(os.environ, XLA_FLAGS="")  # each worker sets its own
     if cache_dir is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return subprocess.Popen([sys.executable, script] + [str(a) for a in args],

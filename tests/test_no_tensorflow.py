@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+from xla_flags import flags as xla_test_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -23,7 +25,7 @@ def test_train_probe_and_export_without_tensorflow(tmp_path):
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('TensorFlow is not installed here (test)')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker.parent), ROOT]), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=xla_test_flags(2))
     probe = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "not installed here" in probe.stderr  # the blocker works
     workdir, data = tmp_path / "run", tmp_path / "data"

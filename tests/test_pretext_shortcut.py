@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 from script_loader import ROOT, load_script
+from xla_flags import flags as xla_test_flags
 
 
 def _unit(x):
@@ -51,7 +52,7 @@ def test_command_reports_every_level_of_a_saved_state(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "pretext_shortcut.py"),
                            "--workdir", str(workdir), "--num", "16"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, XLA_FLAGS=""))
+                          env=dict(os.environ, XLA_FLAGS=xla_test_flags()))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == 4  # InsLoc-FPN: one row per level

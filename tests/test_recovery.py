@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 from configs import tiny  # noqa: E402
 from insloc_jax.checkpoint import Checkpointer  # noqa: E402
 from insloc_jax.state import initial_state  # noqa: E402
+from xla_flags import flags as xla_test_flags  # noqa: E402
 
 STEPS, EVERY = 12, 3
 
@@ -48,7 +49,7 @@ class Run:
         self._out = open(self.workdir + ".stdout", "w+")
         self._err = open(self.workdir + ".stderr", "w+")
         self.proc = subprocess.Popen(command, cwd=ROOT, stdout=self._out, stderr=self._err, env=dict(
-            os.environ, XLA_FLAGS="", **extra))
+            os.environ, XLA_FLAGS=xla_test_flags(), **extra))
 
     def wait_for_marker(self, timeout=240):
         """Blocks until the fault hook has fired (the process is then held still)."""

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from configs import tiny  # noqa: E402
 from insloc_jax import export, train  # noqa: E402
 from insloc_jax.state import load_query_variables  # noqa: E402
+from xla_flags import flags as xla_test_flags  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def _train_command(workdir, data_dir, *overrides):
         [sys.executable, "-m", "insloc_jax.train", "--config", os.path.join(root, "configs", "tiny.py"),
          "--workdir", str(workdir), f"--config.data.source.data_dir={data_dir}", *overrides],
         cwd=root, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, XLA_FLAGS=""))
+        env=dict(os.environ, XLA_FLAGS=xla_test_flags()))
 
 
 @pytest.mark.parametrize("flag, message", [
