@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 
-from xla_flags import FAST_COMPILE, flags  # noqa: E402
+from xla_flags import FAST_COMPILE, flags
 
 os.environ.setdefault("XLA_FLAGS", flags(8))
 if FAST_COMPILE not in os.environ["XLA_FLAGS"]:  # the README command sets only the device count

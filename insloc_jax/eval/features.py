@@ -37,12 +37,13 @@ def make_extractors(encoder: Encoder, grids=REGRESSION_GRIDS):
         whole_features(variables, images [B, s, s, 3]) -> [B, C5] global-pooled res5.
     """
     names = {"res5"} | {name for name, _ in grids}
-    if any(name.startswith("p") for name in names) and encoder.arch != "fpn":
+    reads_pyramid = any(name.startswith("p") for name in names)
+    if reads_pyramid and encoder.arch != "fpn":
         raise ValueError(f"box probe grids {grids} read FPN levels, which a {encoder.arch!r} encoder has not")
 
     def maps(variables, images):
         feats = dict(encoder.apply(variables, images, train=False, method=Encoder.features))
-        if any(name.startswith("p") for name in names):
+        if reads_pyramid:
             feats.update(encoder.apply(variables, images, train=False, method=Encoder.pyramid))
         return {k: feats[k].astype(jnp.float32) for k in names}
 
