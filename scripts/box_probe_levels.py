@@ -64,9 +64,8 @@ def parse_jitter(spec: str):
 
 def rejitter(data, settings, canvas_size: int, shift: float, max_scale: float):
     """`data` with its starting boxes redrawn at another strength (same seed and layout as load_probe_data)."""
-    starts = np.repeat(data.boxes.reshape(-1, 4), settings.jitters, axis=0)
-    jittered = probes.jitter_boxes(starts, settings.seed, canvas_size, shift, max_scale)
-    return dataclasses.replace(data, jittered=jittered.reshape(data.jittered.shape).astype(np.float32))
+    jittered = probe_data.jittered_boxes(data.boxes, settings, canvas_size, shift, max_scale)
+    return dataclasses.replace(data, jittered=jittered)
 
 
 def paired(baseline, other):

@@ -13,12 +13,17 @@ training runs: how far a seed moves the difference.
 """
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs.methods import METHODS  # noqa: E402
+from insloc_jax.eval import probes  # noqa: E402
+
 METRICS = ("retrieval_top1", "knn_top1", "box_iou_after")
-NAMES = {"insloc_fpn": "InsLoc-FPN", "insloc_c4": "InsLoc-C4", "mocov2": "MoCo-v2"}
 
 
 def load_results(path: str) -> dict:
@@ -59,18 +64,22 @@ def seed_differences(seeds: dict, method: str, baseline: str, metric: str, step:
     return out
 
 
+def label(method: str) -> str:
+    """A method's name in tables (configs/methods.py), or the key itself for one it does not know."""
+    return METHODS.get(method, {}).get("label", method)
+
+
 def mean_and_se(values) -> tuple:
     """(mean, standard error of the mean) of per-seed values; the error is nan for fewer than two."""
     values = np.asarray(list(values), dtype=np.float64)
-    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return float(values.mean()), float(se)
+    return probes.paired_difference(np.zeros_like(values), values)  # the same estimate, seeds as the items
 
 
 def table(seeds: dict, baseline: str, step: int) -> str:
     """Markdown: one row per (method, metric), a column per seed and the mean ± SE over seeds."""
     seed_ids = sorted(seeds)
     methods = sorted({m for methods in seeds.values() for m in methods} - {baseline})
-    against = "its random init" if baseline == "random" else NAMES.get(baseline, baseline)
+    against = "its random init" if baseline == "random" else label(baseline)
     rows = [f"| step {step}, minus {against} | metric | " + " | ".join(f"seed {s}" for s in seed_ids)
             + " | mean ± SE over seeds |",
             "|---|---|" + "---|" * (len(seed_ids) + 1)]
@@ -82,7 +91,7 @@ def table(seeds: dict, baseline: str, step: int) -> str:
             cells = [f"{diffs[s]:+.3f}" if s in diffs else "-" for s in seed_ids]
             mean, se = mean_and_se(diffs.values())
             summary = f"{mean:+.3f} ± {se:.4f} ({len(diffs)})" if len(diffs) > 1 else f"{mean:+.3f} (1)"
-            rows.append(f"| {NAMES.get(method, method)} | {metric} | " + " | ".join(cells) + f" | {summary} |")
+            rows.append(f"| {label(method)} | {metric} | " + " | ".join(cells) + f" | {summary} |")
     return "\n".join(rows)
 
 

@@ -136,6 +136,24 @@ def whole_images(images, size: int) -> np.ndarray:
                      for image in images])
 
 
+def jittered_boxes(boxes: np.ndarray, settings: Settings, canvas: int, shift: float = 0.25,
+                   max_scale: float = 1.5) -> np.ndarray:
+    """The box probe's starting boxes: `settings.jitters` perturbations of every true box.
+
+    Args:
+      boxes: [..., 4] true boxes (the composites' [2, N, 4]).
+      settings: probe settings (jitters per box, seed).
+      canvas: canvas side in pixels.
+      shift, max_scale: jitter strength (`probes.jitter_boxes`; the defaults are the probes' own).
+
+    Returns:
+      [..., J, 4] float32, each row jittered anew from its true box.
+    """
+    starts = np.repeat(boxes.reshape(-1, 4), settings.jitters, axis=0)  # [B * J, 4]
+    jittered = probes.jitter_boxes(starts, settings.seed, canvas, shift, max_scale)
+    return jittered.reshape(*boxes.shape[:-1], settings.jitters, 4).astype(np.float32)
+
+
 def load_probe_data(config: ml_collections.ConfigDict, settings: Settings,
                     source: Optional[Dict[str, Any]] = None) -> ProbeData:
     """Reads the splits and builds the composites, jittered boxes and whole images (once).
@@ -151,10 +169,9 @@ def load_probe_data(config: ml_collections.ConfigDict, settings: Settings,
     canvas = config.data.canvas_size
     composites, boxes = make_composites(test_images, settings.seed, canvas, config.data.fg_size_range,
                                         settings.augment)
-    starts = np.repeat(boxes.reshape(-1, 4), settings.jitters, axis=0)  # [2N * J, 4], each jittered anew
-    jittered = probes.jitter_boxes(starts, settings.seed, canvas).reshape(2, -1, settings.jitters, 4)
+    jittered = jittered_boxes(boxes, settings, canvas)
     return ProbeData(
-        composites=composites, boxes=boxes, jittered=jittered.astype(np.float32),
+        composites=composites, boxes=boxes, jittered=jittered,
         whole=whole_images(bank_images + test_images, config.data.moco_size),
         labels=np.concatenate([bank_labels, test_labels]), num_bank=len(bank_images),
     )
