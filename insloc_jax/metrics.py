@@ -22,10 +22,11 @@ class MetricWriter:
       start_step: the step the run (re)starts from.
       samples_per_step: global batch, for samples/s.
       enabled: write anything at all (False on processes other than 0).
+      desc: the progress bar's label.
     """
 
     def __init__(self, workdir: str, total_steps: int, start_step: int, samples_per_step: int,
-                 enabled: Optional[bool] = None):
+                 enabled: Optional[bool] = None, desc: str = "pretrain"):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.samples_per_step = samples_per_step
         self._last_time, self._last_step = time.perf_counter(), start_step
@@ -36,7 +37,7 @@ class MetricWriter:
         from tensorboardX import SummaryWriter
 
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                         desc="pretrain")
+                         desc=desc)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -61,12 +62,19 @@ class MetricWriter:
             return scalars
         self._bar.set_postfix(loss=f"{scalars.get('loss', math.nan):.4f}",
                               samples_s=f"{scalars.get('samples_per_second', 0.0):.0f}", refresh=False)
+        self.scalars(step, scalars)
+        return scalars
+
+    def scalars(self, step: int, scalars: Dict[str, float]) -> None:
+        """Logs scalars at `step` to `metrics.jsonl` and TensorBoard, without touching the bar or the
+        throughput (evaluation results)."""
+        if not self.enabled:
+            return
         self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self._jsonl.flush()
         for name, value in scalars.items():
             self._tb.add_scalar(name, value, step)
         self._tb.flush()
-        return scalars
 
     def close(self) -> None:
         if self.enabled:

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from typing import Dict, Iterator, Optional
@@ -32,6 +31,7 @@ from insloc_jax.metrics import MetricWriter
 from insloc_jax.report import Phases
 from insloc_jax.state import TrainState, initial_state
 from insloc_jax.step import compile_step, step_config, train_step
+from insloc_jax.stop_signal import StopFlag
 
 log = logging.getLogger("insloc_jax.train")
 
@@ -55,26 +55,6 @@ def _stop_agreed(step: int, signalled: bool) -> bool:
     if step % STOP_SYNC_EVERY:
         return False
     return bool(np.any(multihost_utils.process_allgather(np.asarray(signalled, np.int32))))
-
-
-class _StopFlag:
-    """Set by SIGTERM / SIGINT; the loop checks it between steps, saves and exits."""
-
-    def __init__(self):
-        self.signal: Optional[int] = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def make_batches(config, derived, source, start_step: int,
@@ -284,7 +264,7 @@ def _loop(config, derived, state, step_fn, batches, checkpointer, writer, result
     last_good = result["step"]
     start, first_done = time.perf_counter(), None
     try:
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             for step in range(result["step"] + 1, derived.total_steps + 1):
                 state, metrics = step_fn(state, next(batches))
                 if first_done is None:

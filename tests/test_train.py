@@ -55,7 +55,8 @@ def test_periodic_probes_during_training_equal_the_probes_of_the_saved_checkpoin
 def test_export_command_writes_each_format_and_never_clobbers(tmp_path, data_dir):
     workdir = tmp_path / "run"
     train.train(_config(data_dir), str(workdir), stop_at=2)
-    for fmt, name in (("torchvision", "tv.pth"), ("mmdet", "mm.pth"), ("detectron2", "d2.pkl")):
+    for fmt, name in (("torchvision", "tv.pth"), ("mmdet", "mm.pth"), ("detectron2", "d2.pkl"),
+                      ("torchvision_detection", "tvd.pth")):
         assert export.main(["--workdir", str(workdir), "--format", fmt, "--output", str(tmp_path / name)]) == 0
     before = (tmp_path / "d2.pkl").read_bytes()
     assert export.main(["--workdir", str(workdir), "--format", "detectron2", "--output",
@@ -71,6 +72,9 @@ def test_export_command_writes_each_format_and_never_clobbers(tmp_path, data_dir
     assert d2["matching_heuristics"] is True and "backbone.bottom_up.stem.conv1.weight" in d2["model"]
     assert "state_dict" in torch.load(tmp_path / "mm.pth")
     assert "layer4.1.bn2.running_var" in torch.load(tmp_path / "tv.pth")  # ResNet-18: 2 basic blocks
+    detection = torch.load(tmp_path / "tvd.pth")  # the tiny run is InsLoc-FPN: backbone, FPN and box head
+    assert {"backbone.body.layer4.1.bn2.running_var", "backbone.fpn.inner_blocks.0.1.weight",
+            "roi_heads.box_head.5.weight"} <= set(detection)
 
 
 def test_a_second_run_on_a_busy_workdir_fails_before_writing(tmp_path, data_dir):

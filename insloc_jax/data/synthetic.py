@@ -21,9 +21,9 @@ layout, one directory per setting and dataset version, so different sizes live s
 
 A generation writes into a temporary sibling directory and renames it into place when it is complete, so a
 killed one never leaves a set that counts as prepared (its leftover is removed by the next generation on the
-same host). It runs on every core once the set is large enough to pay for starting the workers: about
-1.5 ms per 112-pixel image and core, JPEG encoding included (the demo's 4,096 + 2,048 images in about 7 s
-on two cores).
+same host; see prepared.py). It runs on every core once the set is large enough to pay for starting the
+workers: about 1.5 ms per 112-pixel image and core, JPEG encoding included (the demo's 4,096 + 2,048 images
+in about 7 s on two cores).
 
 Image i of a split is drawn from `np.random.default_rng([seed, split_id, i])` alone, so the set is
 reproducible from its seed and independent of generation order.
@@ -33,13 +33,11 @@ import io
 import json
 import multiprocessing
 import os
-import shutil
-import socket
 import threading
 
 import numpy as np
 
-from insloc_jax.data import shapes
+from insloc_jax.data import prepared, shapes
 
 SPLIT_IDS = {"train": 0, "test": 1}
 PARALLEL_FROM = 512  # images in the whole set from which generation runs on every core
@@ -55,7 +53,6 @@ RELEASE_NOTES = {
 }
 JPEG_QUALITY = 95
 MAX_CLASSES = len(shapes.SHAPES) * len(shapes.TEXTURES)
-_INCOMPLETE = ".incomplete-"
 _SCRATCH = threading.local()  # per-thread work arrays of generate_image
 
 
@@ -94,51 +91,11 @@ def prepare(data_dir: str, image_size: int = 112, num_train: int = 4096, num_tes
     if not 1 <= fields["num_classes"] <= MAX_CLASSES:
         raise ValueError(f"num_classes must be in 1..{MAX_CLASSES} (shape x texture), got {num_classes}")
     final = dataset_dir(data_dir, **fields)
-    if _is_complete(final):
-        return final
-    parent, version = os.path.split(final)
-    os.makedirs(parent, exist_ok=True)
-    _remove_leftovers(parent, version)
-    work = os.path.join(parent, f"{version}{_INCOMPLETE}{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    try:
-        _generate(work, fields)
-        try:
-            os.rename(work, final)  # atomic: the set appears complete or not at all
-        except OSError as err:
-            if not _is_complete(final):  # else another process finished the same set first
-                raise FileExistsError(f"{final} exists but is not a complete embedded dataset (it has no "
-                                      "info.json): remove it and run again") from err
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return final
-
-
-def _is_complete(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, "info.json"))
-
-
-def _remove_leftovers(parent: str, version: str) -> None:
-    """Removes temporary directories of generations on this host whose process is gone (killed runs)."""
-    prefix = f"{version}{_INCOMPLETE}{socket.gethostname()}-"
-    for entry in os.listdir(parent):
-        pid = entry[len(prefix):]
-        if entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return prepared.prepare_once(final, functools.partial(_generate, fields=fields), "embedded dataset")
 
 
 def _generate(work: str, fields: dict) -> None:
-    """Writes every image, the file lists and info.json into `work`."""
+    """Writes every image, the file lists and info.json (last) into the empty directory `work`."""
     counts = {"train": fields["num_train"], "test": fields["num_test"]}
     tasks = []
     for split, count in counts.items():
@@ -158,7 +115,7 @@ def _generate(work: str, fields: dict) -> None:
         with open(os.path.join(work, f"{split}.txt"), "w") as f:
             f.writelines(f"{_file_name(split, i)} {label}\n" for i, label in enumerate(labels[split]))
     info = dict(fields, version=DATASET_VERSION, format=f"JPEG quality {JPEG_QUALITY}", splits=counts)
-    with open(os.path.join(work, "info.json"), "w") as f:
+    with open(os.path.join(work, prepared.INFO_FILE), "w") as f:
         json.dump(info, f, indent=1)
 
 
@@ -251,16 +208,31 @@ def generate_image(seed: int, split_id: int, index: int, size: int, num_classes:
     canvas, grain = _buffers(size)
     shapes.background(rng, size, out=canvas)
     for _ in range(int(rng.integers(1, 4))):
-        _draw_object(canvas, rng, shape=int(rng.integers(len(shapes.SHAPES))),
-                     texture=int(rng.integers(len(shapes.TEXTURES))), hue=rng.random(),
-                     radius=rng.uniform(0.12, 0.25))
+        draw_object(canvas, rng, shape=int(rng.integers(len(shapes.SHAPES))),
+                    texture=int(rng.integers(len(shapes.TEXTURES))), hue=rng.random(),
+                    radius=rng.uniform(0.12, 0.25))
     shape, texture = class_style(label)
-    _draw_object(canvas, rng, shape, texture, hue=rng.random(), radius=rng.uniform(0.3, 0.6))
+    draw_object(canvas, rng, shape, texture, hue=rng.random(), radius=rng.uniform(0.3, 0.6))
+    return add_grain(canvas, rng, grain), label
+
+
+def add_grain(canvas: np.ndarray, rng: np.random.Generator, grain=None) -> np.ndarray:
+    """Adds the images' fine grain (Gaussian, sd 4 levels) to a painted canvas and quantises it.
+
+    Args:
+      canvas: float64 [S, S, 3] painted image, 0..255; overwritten.
+      rng: the image's generator (draws S * S * 3 normals).
+      grain: optional float64 [S, S, 3] work array (reused buffers spare the page faults of a fresh one).
+
+    Returns:
+      uint8 [S, S, 3] image.
+    """
+    grain = np.empty_like(canvas) if grain is None else grain
     rng.standard_normal(out=grain)
-    grain *= 4.0  # the values of rng.normal(0, 4, shape), drawn into the reused buffer
+    grain *= 4.0  # the values of rng.normal(0, 4, shape), drawn into the work array
     canvas += grain
     np.clip(canvas, 0, 255, out=canvas)
-    return np.rint(canvas, out=canvas).astype(np.uint8), label
+    return np.rint(canvas, out=canvas).astype(np.uint8)
 
 
 def class_style(label: int):
@@ -270,11 +242,25 @@ def class_style(label: int):
     return shape, texture
 
 
-def _draw_object(canvas, rng, shape, texture, hue, radius):
-    """Pastes one shaded, textured object onto canvas (float [S, S, 3], 0..255), in place.
+def draw_object(canvas: np.ndarray, rng: np.random.Generator, shape: int, texture: int, hue: float,
+                radius: float):
+    """Pastes one shaded, textured object onto canvas, in place, and says which pixels it painted.
 
     Only the pixels of the object's bounding square are computed: no shape reaches farther from its
-    centre than shapes.SHAPE_EXTENT * max(aspect, 1) object radii.
+    centre than shapes.SHAPE_EXTENT * max(aspect, 1) object radii. The centre is drawn uniformly within
+    0.6 of the image centre, in the coordinates where the image spans -1..1.
+
+    Args:
+      canvas: float64 [S, S, 3] image, 0..255.
+      rng: the image's generator (draws position, pose, texture and colours).
+      shape: index into shapes.SHAPES.
+      texture: index into shapes.TEXTURES.
+      hue: main hue in [0, 1).
+      radius: nominal object radius in image coordinates (the image spans -1..1, so 1 is half its side).
+
+    Returns:
+      (rows, cols, mask): the slices of the window the object was drawn in and the bool [h, w] mask of
+      the painted pixels within it, i.e. `canvas[rows, cols][mask]` is the object.
     """
     cx, cy = rng.uniform(-0.6, 0.6, size=2)
     angle = rng.uniform(0, 2 * np.pi)
@@ -294,6 +280,7 @@ def _draw_object(canvas, rng, shape, texture, hue, radius):
     for c in range(3):  # one channel plane at a time: broadcasting over a last axis of 3 is slow
         fill = (pattern * colour_a[c] + rest * colour_b[c]) * light
         np.copyto(canvas[rows, cols, c], fill, where=mask)
+    return rows, cols, mask
 
 
 def _colours(rng, hue):

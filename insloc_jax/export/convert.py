@@ -12,7 +12,8 @@ The conversion is a rename (the tables) plus one layout rule:
 
 `arch` names the PyTorch model the file is for ("fpn" or "c4"). The ResNet always goes out complete (for
 a c4 encoder its res5 lives in the RoI head); the FPN neck and box head go out only when the variables
-come from an fpn encoder, the C4 projection only to the mmdet file (detectron2 has no place for it).
+come from an fpn encoder, the C4 projection only to the mmdet file (detectron2 and torchvision's Mask R-CNN
+have no place for it).
 A moco encoder thus exports its backbone into either layout.
 """
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -91,6 +92,12 @@ def _head_modules(variables: Mapping, num_batches_tracked: int) -> Modules:
             if not path.startswith("head/layer4")}
 
 
+def head_values(variables: Mapping) -> Dict[str, int]:
+    """The numbers the rename templates may name: {"head_convs": convs of the FPN box head (0 if none)}."""
+    head = variables["params"].get("head", {})
+    return {"head_convs": sum(1 for name in head if name.startswith("shared_convs_"))}
+
+
 def _resnet_name(path: str, layout: Layout) -> Optional[str]:
     name = rename(path, layout.resnet)
     return None if name is None else rename(name, layout.place)
@@ -101,8 +108,9 @@ def state_dict(variables: Mapping, fmt: str, arch: Optional[str] = None, num_bat
 
     Args:
       variables: flax variables {"params", "batch_stats"} of an Encoder (any arch).
-      fmt: "torchvision", "mmdet" or "detectron2".
-      arch: the detector layout, "fpn" or "c4" (mmdet, detectron2); None for torchvision.
+      fmt: "torchvision", "mmdet", "detectron2" or "torchvision_detection".
+      arch: the detector layout, "fpn" or "c4" (mmdet, detectron2, torchvision_detection); None for
+        torchvision.
       num_batches_tracked: value of every BatchNorm's `num_batches_tracked` (e.g. the training step).
 
     Returns:
@@ -115,7 +123,8 @@ def state_dict(variables: Mapping, fmt: str, arch: Optional[str] = None, num_bat
              for path, leaves in _backbone_modules(variables, num_batches_tracked).items()]
     heads = layout.heads.get(encoder_arch(variables)) if layout.heads else None  # torchvision: a bare ResNet too
     if heads:
-        named += [(rename(path, heads), leaves)
+        values = head_values(variables)
+        named += [(rename(path, heads, values), leaves)
                   for path, leaves in _head_modules(variables, num_batches_tracked).items()]
     return {f"{name}.{leaf}": leaves[leaf]
             for name, leaves in named if name is not None

@@ -11,6 +11,7 @@ FILES = {
     "torchvision": ("pth", None),  # the bare state dict
     "mmdet": ("pth", "state_dict"),  # {"state_dict": ...}, what mmcv's load_checkpoint reads
     "detectron2": ("pkl", "model"),  # {"model": ..., "__author__", "matching_heuristics": True}
+    "torchvision_detection": ("pth", None),  # the bare state dict of a torchvision Mask R-CNN (finetune/)
 }
 FORMATS = tuple(FILES)
 
@@ -65,7 +66,8 @@ def save_pth(state_dict: Mapping[str, np.ndarray], path: str, force: bool = Fals
     try:
         import torch
     except ImportError as err:
-        raise ImportError("save_pth needs PyTorch: `pip install torch` (the CPU build is enough)") from err
+        raise ImportError("writing .pth files needs PyTorch: `pip install -r requirements-finetune.txt` "
+                          "(a CPU-only torch build is enough for export alone)") from err
     tensors = {name: torch.from_numpy(np.array(value)) for name, value in state_dict.items()}
     payload = {wrap: tensors} if wrap else tensors
     write_atomic(path, lambda f: torch.save(payload, f), force)

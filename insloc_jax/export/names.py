@@ -4,6 +4,8 @@ Data only. A table is an ordered tuple of rules (regex, template): the first reg
 module path ("layer1/0/downsample/1", "neck/lateral_convs_2/bn") gives the name; a path no rule matches is
 left out of the file. Templates are `str.format`-like: `{g}` is the regex group g with "/" written as ".",
 `{g+K}` adds K to a numeric group (torchvision's layer1 is detectron2's res2, the neck's level 0 is P2).
+A field that names no group of the regex reads a number the conversion supplies (`head_values` in
+convert.py): `{head_convs+1}` is the index of the layer after the box head's convs and their Flatten.
 
 A layout names a file in three steps, each a table:
   resnet: the ResNet's module names (torchvision's, or detectron2's stem/res2..res5);
@@ -54,6 +56,21 @@ DETECTRON2_FPN_HEAD: Rules = (
 )
 
 
+# torchvision's detection modules (insloc_jax/finetune/models.py builds them): FeaturePyramidNetwork's
+# `inner_blocks` (laterals) / `layer_blocks` (outputs) and FastRCNNConvFCHead's Sequential, whose
+# Conv2dNormActivation blocks hold the conv at `.0` and the norm at `.1`. The head's convs are followed by a
+# Flatten, then the fc. The second fc and the projection have no place there.
+TORCHVISION_DETECTION_FPN_HEAD: Rules = (
+    (r"neck/lateral_convs_(?P<i>\d+)/conv", "backbone.fpn.inner_blocks.{i}.0"),
+    (r"neck/lateral_convs_(?P<i>\d+)/bn", "backbone.fpn.inner_blocks.{i}.1"),
+    (r"neck/fpn_convs_(?P<i>\d+)/conv", "backbone.fpn.layer_blocks.{i}.0"),
+    (r"neck/fpn_convs_(?P<i>\d+)/bn", "backbone.fpn.layer_blocks.{i}.1"),
+    (r"head/shared_convs_(?P<i>\d+)/conv", "roi_heads.box_head.{i}.0"),
+    (r"head/shared_convs_(?P<i>\d+)/bn", "roi_heads.box_head.{i}.1"),
+    (r"head/shared_fcs_0", "roi_heads.box_head.{head_convs+1}"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How one file format names one detector's weights (see the module docstring)."""
@@ -72,20 +89,32 @@ LAYOUTS = {
                                   {"fpn": DETECTRON2_FPN_HEAD}),
     ("detectron2", "c4"): Layout(DETECTRON2_RESNET, ((r"(?P<n>res5\..*)", "roi_heads.{n}"),
                                                      (r"(?P<n>.*)", "backbone.{n}")), {}),
+    # torchvision Mask R-CNN; C4 has res5 (with its torchvision names) as its box head.
+    ("torchvision_detection", "fpn"): Layout(SAME, ((r"(?P<n>.*)", "backbone.body.{n}"),),
+                                             {"fpn": TORCHVISION_DETECTION_FPN_HEAD}),
+    ("torchvision_detection", "c4"): Layout(SAME, ((r"(?P<n>layer4\..*)", "roi_heads.box_head.{n}"),
+                                                   (r"(?P<n>.*)", "backbone.body.{n}")), {}),
 }
 
 _FIELD = re.compile(r"\{(?P<group>\w+)(?P<offset>[+-]\d+)?\}")
 
 
-def rename(path: str, rules: Rules) -> Optional[str]:
-    """The name the first matching rule gives `path` ("a/b/c" flax module path), or None (not exported)."""
+def rename(path: str, rules: Rules, values: Optional[Mapping[str, int]] = None) -> Optional[str]:
+    """The name the first matching rule gives `path` ("a/b/c" flax module path), or None (not exported).
+
+    Args:
+      path: a flax module path.
+      rules: the table.
+      values: numbers the templates may name besides the regex groups (e.g. {"head_convs": 4}).
+    """
     for pattern, template in rules:
         match = re.fullmatch(pattern, path)
         if match:
-            return _FIELD.sub(lambda field: _value(match, field), template)
+            return _FIELD.sub(lambda field: _value(match, field, values or {}), template)
     return None
 
 
-def _value(match: re.Match, field: re.Match) -> str:
-    value = match.group(field["group"]).replace("/", ".")
+def _value(match: re.Match, field: re.Match, values: Mapping[str, int]) -> str:
+    group = field["group"]
+    value = match.group(group).replace("/", ".") if group in match.groupdict() else str(values[group])
     return str(int(value) + int(field["offset"])) if field["offset"] else value

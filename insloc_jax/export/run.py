@@ -13,10 +13,12 @@ def export_run(workdir: str, fmt: str, output: str, step: Optional[int] = None, 
 
     Args:
       workdir: the training workdir.
-      fmt: "torchvision" (.pth), "mmdet" (.pth, {"state_dict": ...}) or "detectron2" (.pkl).
+      fmt: "torchvision" (.pth), "mmdet" (.pth, {"state_dict": ...}), "detectron2" (.pkl) or
+        "torchvision_detection" (.pth, the Mask R-CNN of `insloc_jax.finetune.models.build_detector`).
       output: the file to write (never overwritten unless `force`).
       step: checkpoint step; None = newest.
-      arch: target layout for mmdet / detectron2 ("fpn" or "c4"); None = the run's own (fpn for moco).
+      arch: target layout for mmdet / detectron2 / torchvision_detection ("fpn" or "c4"); None = the run's
+        own (fpn for moco).
 
     Returns:
       (output path, checkpoint step, number of tensors written).
