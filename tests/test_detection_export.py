@@ -23,7 +23,6 @@ from insloc_jax.finetune import models, weights  # noqa: E402
 from insloc_jax.models.encoder import FPN_STRIDES, Encoder  # noqa: E402
 from parity import from_nchw, randomize_batchnorm, rel_err, to_nchw  # noqa: E402
 
-torch.set_num_threads(1)  # two xdist workers share two cores
 SIZE = 64
 TOL = 1e-4
 DIMS = dict(depth=18, width=8, fpn_dim=16, head_conv_dim=16, head_fc_dim=32)

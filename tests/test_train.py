@@ -105,7 +105,7 @@ def _train_command(workdir, data_dir, *overrides):
     ("--config.optim.schedulee=cosine", "error: a --config.<field> override names no field of the config: "
                                         "'schedulee' Did you mean \"schedule\" instead of \"schedulee\"?"),
     ("--config.train.export_format=onnx", "error: train.export_format must be one of ('torchvision', 'mmdet', "
-                                          "'detectron2') or '' (no export), got 'onnx'"),
+                                          "'detectron2', 'torchvision_detection') or '' (no export), got 'onnx'"),
     ("--config=configs/no_such_run.py", "error: cannot load the --config file: [Errno 2] No such file or "
                                         "directory: 'configs/no_such_run.py'"),
 ])
