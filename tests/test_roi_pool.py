@@ -19,7 +19,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}  # of the reference's la
 
 
 def _boxes(generator, count=40):
-    """Random boxes over and around the image, then the edge cases, as float64 [count + 12, 4]."""
+    """Random boxes over and around the image, then the edge cases, as float64 [count + 13, 4]."""
     xy = torch.rand(count, 2, generator=generator, dtype=torch.float64) * torch.tensor([56.0, 64.0]) - 8.0
     wh = torch.rand(count, 2, generator=generator, dtype=torch.float64) * 40.0 + 0.1
     special = torch.tensor([
@@ -35,6 +35,7 @@ def _boxes(generator, count=40):
         [-3.0, 5.0, 12.0, 47.0],     # negative start, reaches the bottom edge
         [20.0, 16.0, 20.0, 30.0],    # zero width (aligned + adaptive: no column samples)
         [20.0, 20.0, 12.0, 15.0],    # inverted (negative size)
+        [20.0, 36.0, 30.0, 60.0],    # rows 9..15: with 3 bins of 1 sample, one sample row is exactly y = H
     ], dtype=torch.float64)
     return torch.cat([torch.cat([xy, xy + wh], 1), special])
 
@@ -47,9 +48,8 @@ def _rois(generator, dtype):
 
 
 def _assert_close(actual, expected, dtype):
-    error = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    scale = expected.abs().max().item() if expected.numel() else 1.0
     assert actual.shape == expected.shape
+    error, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
     assert error <= TOLERANCE[dtype] * scale, f"max error {error:.3g} on values up to {scale:.3g}"
 
 
@@ -57,19 +57,20 @@ def _value_and_grad(op, features, upstream):
     """op(features) and d<op(features), upstream>/d features."""
     leaf = features.detach().requires_grad_(True)
     out = op(leaf)
-    (grad,) = torch.autograd.grad(out, leaf, upstream, allow_unused=True)
-    return out.detach(), torch.zeros_like(leaf) if grad is None else grad
+    (grad,) = torch.autograd.grad(out, leaf, upstream)
+    return out.detach(), grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [0, 1, 2])
-def test_roi_align_matches_torchvision(dtype, aligned, sampling_ratio):
+@pytest.mark.parametrize("output_size", [(3, 4), (7, 14)])  # narrower and wider than the map (W = 10)
+def test_roi_align_matches_torchvision(dtype, aligned, sampling_ratio, output_size):
     generator = torch.Generator().manual_seed(sampling_ratio + 3 * aligned)
     features = torch.randn(N, C, H, W, generator=generator, dtype=dtype)
     rois = _rois(generator, dtype)
-    upstream = torch.randn(len(rois), C, 3, 4, generator=generator, dtype=dtype)
-    args = ((3, 4), SCALE, sampling_ratio, aligned)
+    upstream = torch.randn((len(rois), C) + output_size, generator=generator, dtype=dtype)
+    args = (output_size, SCALE, sampling_ratio, aligned)
     expected, expected_grad = _value_and_grad(lambda f: torchvision.ops.roi_align(f, rois, *args), features, upstream)
     actual, actual_grad = _value_and_grad(lambda f: roi_align(f, rois, *args), features, upstream)
     _assert_close(actual, expected, dtype)
@@ -85,18 +86,19 @@ def test_roi_align_without_rois():
     assert features.grad is not None and features.grad.abs().max() == 0
 
 
-def _pyramid(generator, sizes, dtype=torch.float32):
+def _pyramid(generator, sizes):
     """name -> [2, C, s, s] for each size s, the level names "0", "1", ..."""
-    return OrderedDict((str(k), torch.randn(2, C, s, s, generator=generator, dtype=dtype))
-                       for k, s in enumerate(sizes))
+    return OrderedDict((str(k), torch.randn(2, C, s, s, generator=generator)) for k, s in enumerate(sizes))
 
 
 def _image_boxes(generator, count, height, width):
-    """[count, 4] boxes with 0 <= x1 < x2 <= width, 0 <= y1 < y2 <= height, from a pixel to the whole image."""
+    """[count + 1, 4] boxes with 0 <= x1 < x2 <= width, 0 <= y1 < y2 <= height, from half a pixel up, then
+    the whole image (the only size that reaches P5 with canonical_scale 56)."""
     corner = torch.rand(count, 2, generator=generator) * torch.tensor([width - 1.0, height - 1.0])
     extent = torch.rand(count, 2, generator=generator) ** 2 * torch.tensor([float(width), float(height)]) + 0.5
     far = torch.minimum(corner + extent, torch.tensor([float(width), float(height)]))
-    return torch.cat([corner, far], 1)
+    whole = torch.tensor([[0.0, 0.0, float(width), float(height)]])
+    return torch.cat([torch.cat([corner, far], 1), whole])
 
 
 @pytest.mark.parametrize("output_size", [7, 14])
@@ -110,16 +112,15 @@ def test_pooler_matches_torchvision(output_size, sizes):
     reference = torchvision.ops.MultiScaleRoIAlign(names, output_size, 2, canonical_scale=56)
     pooler = MultiScaleRoIAlign(names, output_size, 2, canonical_scale=56)
     assert pooler.state_dict() == {} and list(pooler.parameters()) == []
-    upstream = torch.randn(100, C, output_size, output_size, generator=generator)
+    upstream = torch.randn(102, C, output_size, output_size, generator=generator)
     leaves = OrderedDict((k, v.requires_grad_(True)) for k, v in pyramid.items())
     expected = reference(leaves, boxes, image_shapes)
-    expected_grads = torch.autograd.grad(expected, list(leaves.values()), upstream, allow_unused=True)
+    expected_grads = torch.autograd.grad(expected, list(leaves.values()), upstream)
     actual = pooler(leaves, boxes, image_shapes)
-    actual_grads = torch.autograd.grad(actual, list(leaves.values()), upstream, allow_unused=True)
+    actual_grads = torch.autograd.grad(actual, list(leaves.values()), upstream)
     assert pooler.scales == reference.scales
     _assert_close(actual.detach(), expected.detach(), torch.float32)
-    for got, want, leaf in zip(actual_grads, expected_grads, leaves.values()):
-        zero = torch.zeros_like(leaf)
-        _assert_close(zero if got is None else got, zero if want is None else want, torch.float32)
+    for got, want in zip(actual_grads, expected_grads):
+        _assert_close(got, want, torch.float32)
     if len(sizes) > 1:
-        assert len(torch.unique(reference.map_levels(boxes))) >= 3  # the boxes spread over the levels
+        assert len(torch.unique(reference.map_levels(boxes))) == 4  # the boxes reach every level

@@ -30,8 +30,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference, maskrcnn_loss
 from torchvision.models.resnet import BasicBlock, Bottleneck
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+# torchvision's pooler computing the same numbers as separable matmuls: its own kernel's backward is a
+# single-threaded scatter that took a quarter (FPN) to a third (C4) of a CPU iteration (finetune/roi_pool.py).
+from insloc_jax.finetune.roi_pool import MultiScaleRoIAlign
 
 ARCHS = ("fpn", "c4")
 # depth -> (torchvision block, blocks per stage), as insloc_jax.models.resnet.STAGE_BLOCKS.

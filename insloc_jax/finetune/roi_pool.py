@@ -49,8 +49,8 @@ def _sample_positions(start: Tensor, extent: Tensor, pooled: int, sampling_ratio
     samples = sampling_ratio if sampling_ratio > 0 else max(int(grid.max().item()) if len(grid) else 0, 1)
     bins = torch.arange(pooled, dtype=extent.dtype, device=extent.device)
     offsets = torch.arange(samples, dtype=extent.dtype, device=extent.device) + 0.5
-    per_bin = bin_size[:, None, None]
-    positions = start[:, None, None] + bins[None, :, None] * per_bin + offsets[None, None, :] * per_bin / grid[:, None, None]
+    per_bin, per_sample = bin_size[:, None, None], grid[:, None, None]
+    positions = start[:, None, None] + bins[None, :, None] * per_bin + offsets[None, None, :] * per_bin / per_sample
     return positions, grid
 
 
@@ -62,6 +62,7 @@ def _axis_weights(start: Tensor, extent: Tensor, pooled: int, sampling_ratio: in
     positions, grid = _sample_positions(start, extent, pooled, sampling_ratio)
     sample_index = torch.arange(positions.shape[-1], device=positions.device)
     kept = (positions >= -1.0) & (positions <= size) & (sample_index[None, None, :] < grid[:, None, None])
+    # Dropped samples (also the NaN positions of an adaptive count of 0) read index 0 with weight 0.
     position = torch.where(kept, positions, torch.zeros_like(positions)).clamp(min=0.0)
     low = position.long()
     at_edge = low >= size - 1
@@ -103,11 +104,27 @@ def _contract_rows(features: Tensor, rows: Tensor, batch: Tensor) -> Tensor:
     return _in_order(by_row, order)
 
 
-def _in_order(pooled: Tensor, order: Tensor) -> Tensor:
-    """pooled [R, ...] whose row k belongs to RoI order[k], rearranged so that row r is RoI r."""
+def _contract_cols(by_row: Tensor, cols: Tensor) -> Tensor:
+    """[R, C, ph, pw], contiguous: sum_x by_row[r, i, c, x] * cols[r, j, x], a batched matmul per RoI.
+
+    The product comes out as [R, ph, C, pw]; one transposing copy is needed, and it is made of whichever is
+    smaller, the [R, ph, C, W] input (W <= pw, as for res4 / P5) or the output (W > pw, as for P2).
+    """
+    count, ph, channels, width = by_row.shape
+    pw = cols.shape[1]
+    if width <= pw:
+        by_channel = by_row.transpose(1, 2).reshape(count, channels * ph, width)
+        return torch.bmm(by_channel, cols.transpose(1, 2)).view(count, channels, ph, pw)
+    pooled = torch.bmm(by_row.reshape(count, ph * channels, width), cols.transpose(1, 2))
+    return pooled.view(count, ph, channels, pw).transpose(1, 2).contiguous()
+
+
+def _in_order(values: Tensor, order: Tensor) -> Tensor:
+    """values [R, ...] whose row k belongs to RoI order[k], rearranged so that row r is RoI r (no copy when
+    order is already the identity, as for one image's RoIs or RoIs grouped by image)."""
     if bool((order == torch.arange(len(order), device=order.device)).all()):
-        return pooled
-    return pooled.index_select(0, torch.argsort(order))
+        return values
+    return values.index_select(0, torch.argsort(order))
 
 
 def roi_align(features: Tensor, rois: Tensor, output_size: Union[int, Sequence[int]], spatial_scale: float = 1.0,
@@ -128,9 +145,7 @@ def roi_align(features: Tensor, rois: Tensor, output_size: Union[int, Sequence[i
     with torch.no_grad():
         rois = rois.to(features.dtype)
         rows, cols = _separable_weights(rois, (ph, pw), spatial_scale, sampling_ratio, aligned, height, width)
-    by_row = _contract_rows(features, rows, rois[:, 0].long()).transpose(1, 2)
-    pooled = torch.bmm(by_row.reshape(len(rois), channels * ph, width), cols.transpose(1, 2))
-    return pooled.view(len(rois), channels, ph, pw)
+    return _contract_cols(_contract_rows(features, rows, rois[:, 0].long()), cols)
 
 
 def _pool_levels(levels: List[Tensor], boxes: List[Tensor], output_size: Tuple[int, int], sampling_ratio: int,
