@@ -1,4 +1,5 @@
-"""Export encoder weights as PyTorch files: torchvision, mmdetection (the original repo) and detectron2.
+"""Export encoder weights as PyTorch files: torchvision (a ResNet, or a whole Mask R-CNN state dict with
+`torchvision_detection`), mmdetection (the original repo) and detectron2.
 
   names.py    the rename tables (data): flax module paths -> each format's names, per detector layout
   convert.py  flax variables -> {name: array} state dicts in PyTorch layout, by those tables
