@@ -157,7 +157,11 @@ def main(argv):
     del argv
     from absl import flags
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from absl import logging as absl_logging
+
+    # absl routes Python logging through its own handler; plain messages read better beside the bar.
+    absl_logging.get_absl_handler().setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         deps.require()  # before the modules below, which import torch
