@@ -9,13 +9,14 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from insloc_jax.export.files import write_atomic
 
 IOU_TYPES = ("bbox", "segm")
 # COCOeval.stats in order: AP over IoU 0.5:0.95, at 0.5 and 0.75, by object size (small < 32^2 pixels <
@@ -129,21 +130,9 @@ def write_results(path: Union[str, os.PathLike], results: Sequence[dict]) -> Non
     """Writes result entries as JSON atomically: a reader sees the old file or the whole new one.
 
     Args:
-      path: the file, e.g. WORKDIR/eval/detections_bbox.json (RESULT_FILES names them); its directory is
-        created if missing.
+      path: the file, e.g. WORKDIR/detections_bbox.json (RESULT_FILES names them); its directory is created
+        if missing.
       results: COCO result entries (to_results' output).
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(list(results), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    payload = json.dumps(list(results)).encode()
+    write_atomic(os.fspath(path), lambda f: f.write(payload), force=True)

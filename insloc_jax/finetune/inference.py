@@ -10,8 +10,7 @@ from typing import Dict, List, Tuple
 
 from insloc_jax.export.files import write_atomic
 from insloc_jax.finetune import coco, coco_eval, loop
-
-IOU_TYPES = ("bbox", "segm")
+from insloc_jax.finetune.coco_eval import IOU_TYPES, RESULT_FILES
 
 
 def predict(model, split: coco.Split, batch: int, progress: bool = True) -> Tuple[List[dict], List[dict], int]:
@@ -50,7 +49,7 @@ def evaluate(model, split: coco.Split, workdir: str, iteration: int, batch: int)
     results = dict(zip(IOU_TYPES, predict(model, split, batch)[:2]))
     metrics: Dict[str, float] = {}
     for iou_type in IOU_TYPES:
-        coco_eval.write_results(os.path.join(workdir, f"detections_{iou_type}.json"), results[iou_type])
+        coco_eval.write_results(os.path.join(workdir, RESULT_FILES[iou_type]), results[iou_type])
         metrics.update(coco_eval.evaluate(split.coco, results[iou_type], iou_type))
     payload = json.dumps({"iteration": iteration, **metrics}, indent=1).encode()
     write_atomic(os.path.join(workdir, "metrics.json"), lambda f: f.write(payload), force=True)
